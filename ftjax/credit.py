@@ -31,7 +31,8 @@ class CreditInputs:
     """Every per-token signal a credit variant may read; unneeded ones may be None.
 
     Masks are bool B x T: prompt (question, FlowTracer's source), response (the trained tokens),
-    answer (the answer span inside the response, FlowTracer's sink). Non-padding = prompt | response.
+    answer (the answer span inside the response, FlowTracer's sink); non-padding is
+    prompt | response.
     attn_BxTxT[b, k, i]: captured attention query k pays key i (mean over captured heads/layers);
     attn_layers_LxBxTxT: per-layer maps for variants that need them.
     """
@@ -79,7 +80,8 @@ class CreditConfig:
                 f"CreditConfig.attention_window must be None or an int >= 1, got "
                 f"{self.attention_window!r}")
         if not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ValueError(f"CreditConfig.block_size must be an int >= 1, got {self.block_size!r}")
+            raise ValueError(
+                f"CreditConfig.block_size must be an int >= 1, got {self.block_size!r}")
 
 
 CreditFn = Callable[[CreditInputs, CreditConfig], jax.Array]
@@ -160,7 +162,7 @@ def selection_count(n, fraction: float):
 
 
 def _rank_BxT(score_BxT, eligible_BxT, descending: bool):
-    """Rank of each eligible token within its row by score (ties: earlier first); ineligible last."""
+    """Rank of each eligible token in its row by score (ties: earlier first); ineligible last."""
     B, T = score_BxT.shape
     key_BxT = (-score_BxT if descending else score_BxT).astype(jnp.float32)
     position_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))

@@ -12,9 +12,11 @@ carry flow: the source mass is spread over every question token with h > 0, howe
 keeps h per token as a float32 mantissa in [1/2, 1) times an exact power of two whose exponent is
 stored separately (`reach_mantissa_BxT`, `reach_exponent_BxT`): extended-exponent floating point.
 Products and ratios of h then round like plain float32 at any magnitude; nothing goes through a
-rounded log or exp (a rounded log weight that recurs along a chain would bias long paths). The backward pass (h) is a log-sum-exp triangular solve: a diagonal block
-is one float32 triangular solve when a single scale holds it, else it runs row by row; each
-finished block is pushed to all earlier keys at once. The forward pass works on f in [0, 1] with
+rounded log or exp (a rounded log weight that recurs along a chain would bias long paths).
+
+The backward pass (h) is a triangular solve in that number format: a diagonal block is one float32
+triangular solve when a single scale holds it, else it runs row by row; each finished block is
+pushed to all earlier keys at once. The forward pass works on f in [0, 1] with
 W' <= 1 formed on the fly, so it is one float32 triangular solve per block plus one product over
 the block's row strip for its inflow.
 """
@@ -82,7 +84,8 @@ def _validated(attn_BxTxT, source_BxT, sink_BxT, valid_BxT):
         raise ValueError(f"attn must have rank 3 (B, T, T), got shape {attn_BxTxT.shape}")
     B, T, T2 = attn_BxTxT.shape
     if T != T2:
-        raise ValueError(f"attn must be square in its last two dims (query, key), got {attn_BxTxT.shape}")
+        raise ValueError(
+            f"attn must be square in its last two dims (query, key), got {attn_BxTxT.shape}")
     if not jnp.issubdtype(attn_BxTxT.dtype, jnp.floating):
         raise ValueError(f"attn must be a float array, got dtype {attn_BxTxT.dtype}")
     masks = {"source": source_BxT, "sink": sink_BxT, "valid": valid_BxT}
@@ -190,7 +193,8 @@ def _block_reach_exact(base_exp_BxS, base_man_BxS, w_BxSxS):
         man_Bx1S = jnp.concatenate([base_man_BxS[:, t, None], h[1]], axis=-1)
         w_Bx1S = jnp.concatenate([jnp.ones((B, 1)), w_BxSxS[:, t, :]], axis=-1)
         h_t = _weighted_sum(w_Bx1S, exp_Bx1S, man_Bx1S, axis=-1)
-        return tuple(jax.lax.dynamic_update_index_in_dim(x, v, t, 1) for x, v in zip(h, h_t))
+        put = lambda x, v: jax.lax.dynamic_update_index_in_dim(x, v, t, 1)  # noqa: E731
+        return tuple(put(x, v) for x, v in zip(h, h_t, strict=True))
 
     h0 = (jnp.full((B, S), NEG_INF), jnp.zeros((B, S)))
     return jax.lax.fori_loop(0, S, row, h0)
@@ -244,7 +248,7 @@ def _reach(attn_BxTxT, w_NxBxSxS, sink_BxT, emits_BxT, S: int):
         push = _weighted_sum(strip_BxSxT, h_exp_BxS[:, :, None], h_man_BxS[:, :, None], 1)
         summed = _add(acc, push)
         earlier_T = key_pos_T < n * S
-        acc = tuple(jnp.where(earlier_T, new, old) for new, old in zip(summed, acc))
+        acc = tuple(jnp.where(earlier_T, new, old) for new, old in zip(summed, acc, strict=True))
         return acc, (h_exp_BxS, h_man_BxS, ~trusted)
 
     acc0 = (jnp.full((B, T), NEG_INF), jnp.zeros((B, T)))
@@ -319,8 +323,8 @@ def trace(attn_BxTxT, source_BxT, sink_BxT, valid_BxT=None, *, block_size: int =
     attn_BxTxT = jax.lax.stop_gradient(attn_BxTxT)
 
     emits_BxT = valid_BxT & ~sink_BxT  # keys whose out-edges exist (answer tokens absorb)
-    edge_NxBxSxS = (jnp.triu(jnp.ones((S, S), bool), 1)
-                    & _to_blocks(emits_BxT, S)[..., :, None] & _to_blocks(valid_BxT, S)[..., None, :])
+    edge_NxBxSxS = (jnp.triu(jnp.ones((S, S), bool), 1) & _to_blocks(emits_BxT, S)[..., :, None]
+                    & _to_blocks(valid_BxT, S)[..., None, :])
     w_NxBxSxS = jnp.where(edge_NxBxSxS, _diagonal_blocks(attn_BxTxT, S), 0.0)
 
     h_exp_BxT, h_man_BxT, exact_blocks = _reach(attn_BxTxT, w_NxBxSxS, sink_BxT, emits_BxT, S)
@@ -373,6 +377,7 @@ def backbone(attn_BxTxT, tr: FlowTrace, k: int) -> Backbone:
     edge_flow_BxK, flat_BxK = jax.lax.top_k(phi_BxTT, k)
     hub_throughput_BxK, hub_BxK = jax.lax.top_k(tr.throughput_BxT, k)
     return Backbone(
-        edge_src_BxK=(flat_BxK % T).astype(jnp.int32), edge_dst_BxK=(flat_BxK // T).astype(jnp.int32),
+        edge_src_BxK=(flat_BxK % T).astype(jnp.int32),
+        edge_dst_BxK=(flat_BxK // T).astype(jnp.int32),
         edge_flow_BxK=edge_flow_BxK, hub_BxK=hub_BxK.astype(jnp.int32),
         hub_throughput_BxK=hub_throughput_BxK)

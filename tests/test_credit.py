@@ -526,7 +526,8 @@ def test_selected_count(variant, top_fraction, gamma):
             assert n_sel == want, (name, b, n_sel, want)
 
 
-# variant -> a native-T case, so that eager and jit also run at several unpadded lengths.
+# variant -> a native-T case, so that eager and jit also run at unpadded lengths. The three
+# FlowTracer variants share one shape: eager FlowTracer pays a one-off warm-up per shape.
 EAGER_CASE = {
     "uniform": "short",
     "flowtracer": "odd",
@@ -541,15 +542,21 @@ EAGER_CASE = {
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_jit_matches_eager(variant):
+    """Eager at the native T equals the reference and the jitted result.
+
+    The jitted result is the cached one on the same rows right-padded to T_MAX (padding must
+    change nothing), plus, except for FlowTracer (~1 s per compilation), a jit at the native T.
+    """
     name = EAGER_CASE[variant]
     c = native_case(name)
-    cfg = _cfg(variant, top_fraction=0.6, gamma=2.0, attention_window=3)
+    window = 3 if variant == "attention_received" else None  # others: reuse compiled configs
+    cfg = _cfg(variant, top_fraction=0.6, gamma=2.0, attention_window=window)
     eager = np.asarray(compute(c.inputs(), cfg))
-    jitted = np.asarray(jax.jit(lambda inputs: compute(inputs, cfg))(c.inputs()))
-    np.testing.assert_allclose(jitted, eager, atol=1e-6, rtol=0)
     _check(eager, c.reference(cfg))
+    if variant not in ref.FLOW_VARIANTS:
+        jitted = np.asarray(jax.jit(lambda inputs: compute(inputs, cfg))(c.inputs()))
+        np.testing.assert_allclose(jitted, eager, atol=1e-6, rtol=0)
     if variant != "random":  # the draws depend on T
-        # padding appended to the row changes nothing
         T = c.response.shape[1]
         np.testing.assert_allclose(run(case(name), cfg)[:, :T], eager, atol=1e-6, rtol=0)
 
