@@ -51,8 +51,10 @@ def bench_shape(B: int, T: int, block_size: int, repeats: int) -> tuple[float, f
     system = jnp.eye(T, dtype=jnp.float32) - jnp.swapaxes(jnp.tril(attn, -1), -1, -2)
     rhs = jnp.ones((B, T, 1), jnp.float32)
     solve_fn = jax.jit(lambda m, r: solve_triangular(m, r, lower=False))
-    return (median_ms(trace_fn, attn, source, sink, repeats=repeats),
-            median_ms(solve_fn, system, rhs, repeats=repeats))
+    return (
+        median_ms(trace_fn, attn, source, sink, repeats=repeats),
+        median_ms(solve_fn, system, rhs, repeats=repeats),
+    )
 
 
 def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
@@ -69,10 +71,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     backend = jax.default_backend()
-    shapes = parse_shapes(args.shapes) if args.shapes else (
-        CPU_SHAPES + (GPU_SHAPES if backend == "gpu" else ()))
-    print(f"jax {jax.__version__}, backend {backend}, device {jax.devices()[0].device_kind}, "
-          f"block_size {args.block_size}")
+    shapes = (
+        parse_shapes(args.shapes)
+        if args.shapes
+        else (CPU_SHAPES + (GPU_SHAPES if backend == "gpu" else ()))
+    )
+    print(
+        f"jax {jax.__version__}, backend {backend}, device {jax.devices()[0].device_kind}, "
+        f"block_size {args.block_size}"
+    )
     print(f"{'B':>3} {'T':>6} {'trace ms':>10} {'solve ms':>10} {'ratio':>7}")
     for B, T in shapes:
         trace_ms, solve_ms = bench_shape(B, T, args.block_size, args.repeats)

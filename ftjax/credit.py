@@ -21,8 +21,14 @@ import jax.numpy as jnp
 
 from ftjax import flow
 
-_INPUT_FIELDS = ("attn_BxTxT", "attn_layers_LxBxTxT", "log_probs_BxT", "entropy_BxT",
-                 "tokens_BxT", "rng")
+_INPUT_FIELDS = (
+    "attn_BxTxT",
+    "attn_layers_LxBxTxT",
+    "log_probs_BxT",
+    "entropy_BxT",
+    "tokens_BxT",
+    "rng",
+)
 
 
 @jax.tree_util.register_dataclass
@@ -75,13 +81,16 @@ class CreditConfig:
         if not self.gamma > 0.0:
             raise ValueError(f"CreditConfig.gamma must be > 0, got {self.gamma!r}")
         if self.attention_window is not None and (
-                not isinstance(self.attention_window, int) or self.attention_window < 1):
+            not isinstance(self.attention_window, int) or self.attention_window < 1
+        ):
             raise ValueError(
                 f"CreditConfig.attention_window must be None or an int >= 1, got "
-                f"{self.attention_window!r}")
+                f"{self.attention_window!r}"
+            )
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(
-                f"CreditConfig.block_size must be an int >= 1, got {self.block_size!r}")
+                f"CreditConfig.block_size must be an int >= 1, got {self.block_size!r}"
+            )
 
 
 CreditFn = Callable[[CreditInputs, CreditConfig], jax.Array]
@@ -101,8 +110,10 @@ def register(name: str, *, needs: tuple[str, ...] = ()) -> Callable[[CreditFn], 
     """Decorator: add `fn(inputs, cfg) -> gamma_BxT` to the registry under `name`."""
     unknown = set(needs) - set(_INPUT_FIELDS)
     if unknown:
-        raise ValueError(f"credit variant {name!r} needs unknown inputs {sorted(unknown)}; "
-                         f"known: {list(_INPUT_FIELDS)}")
+        raise ValueError(
+            f"credit variant {name!r} needs unknown inputs {sorted(unknown)}; "
+            f"known: {list(_INPUT_FIELDS)}"
+        )
 
     def add(fn: CreditFn) -> CreditFn:
         if name in _REGISTRY:
@@ -134,15 +145,18 @@ def compute(inputs: CreditInputs, cfg: CreditConfig) -> jax.Array:
     shape = jnp.shape(inputs.response_mask_BxT)
     for field in ("prompt_mask_BxT", "answer_mask_BxT"):
         if jnp.shape(getattr(inputs, field)) != shape:
-            raise ValueError(f"CreditInputs.{field} has shape {jnp.shape(getattr(inputs, field))}, "
-                             f"response_mask_BxT has {shape}")
+            raise ValueError(
+                f"CreditInputs.{field} has shape {jnp.shape(getattr(inputs, field))}, "
+                f"response_mask_BxT has {shape}"
+            )
     missing = sorted(f for f in variant.needs if getattr(inputs, f) is None)
     if missing:
         raise ValueError(f"credit variant {cfg.name!r} needs CreditInputs.{', '.join(missing)}")
     gamma_BxT = variant.fn(inputs, cfg)
     if jnp.shape(gamma_BxT) != shape:
-        raise ValueError(f"credit variant {cfg.name!r} returned shape {jnp.shape(gamma_BxT)}, "
-                         f"expected {shape}")
+        raise ValueError(
+            f"credit variant {cfg.name!r} returned shape {jnp.shape(gamma_BxT)}, expected {shape}"
+        )
     return jnp.where(inputs.response_mask_BxT, gamma_BxT, 0.0).astype(jnp.float32)
 
 
@@ -193,8 +207,13 @@ def uniform(inputs: CreditInputs, cfg: CreditConfig) -> jax.Array:
 def throughput(inputs: CreditInputs, cfg: CreditConfig) -> tuple[jax.Array, jax.Array]:
     """FlowTracer's tau_BxT (source = prompt, sink = answer) and whether each row has a sink."""
     valid_BxT = inputs.prompt_mask_BxT | inputs.response_mask_BxT
-    tr = flow.trace(inputs.attn_BxTxT, inputs.prompt_mask_BxT, inputs.answer_mask_BxT, valid_BxT,
-                    block_size=cfg.block_size)
+    tr = flow.trace(
+        inputs.attn_BxTxT,
+        inputs.prompt_mask_BxT,
+        inputs.answer_mask_BxT,
+        valid_BxT,
+        block_size=cfg.block_size,
+    )
     return tr.throughput_BxT, jnp.any(tr.sink_BxT, axis=-1, keepdims=True)
 
 
@@ -227,8 +246,10 @@ def flowtracer_soft(inputs: CreditInputs, cfg: CreditConfig) -> jax.Array:
     response_BxT = inputs.response_mask_BxT
     count_Bx1 = jnp.maximum(jnp.sum(response_BxT, axis=-1, keepdims=True), 1)
     mean_Bx1 = jnp.sum(jnp.where(response_BxT, tau_BxT, 0.0), -1, keepdims=True) / count_Bx1
-    var_Bx1 = jnp.sum(jnp.where(response_BxT, (tau_BxT - mean_Bx1) ** 2, 0.0), -1,
-                      keepdims=True) / count_Bx1
+    var_Bx1 = (
+        jnp.sum(jnp.where(response_BxT, (tau_BxT - mean_Bx1) ** 2, 0.0), -1, keepdims=True)
+        / count_Bx1
+    )
     z_BxT = (tau_BxT - mean_Bx1) / (jnp.sqrt(var_Bx1) + 1e-8)
     soft_BxT = 1.0 + (cfg.gamma - 1.0) * jax.nn.sigmoid(z_BxT)
     return jnp.where(response_BxT, jnp.where(has_sink_Bx1, soft_BxT, 1.0), 0.0)
@@ -239,8 +260,9 @@ def random(inputs: CreditInputs, cfg: CreditConfig) -> jax.Array:
     """Control: `top_fraction` of each response chosen uniformly at random gets gamma."""
     response_BxT = inputs.response_mask_BxT
     score_BxT = jax.random.uniform(inputs.rng, response_BxT.shape)
-    return _weights(top_fraction_mask(score_BxT, response_BxT, cfg.top_fraction), response_BxT,
-                    cfg.gamma)
+    return _weights(
+        top_fraction_mask(score_BxT, response_BxT, cfg.top_fraction), response_BxT, cfg.gamma
+    )
 
 
 @register("entropy", needs=("entropy_BxT",))
@@ -257,8 +279,9 @@ def entropy_select(inputs: CreditInputs, cfg: CreditConfig) -> jax.Array:
     all others 0 (batch-global; ties: earlier row, then earlier token)."""
     response_BxT = inputs.response_mask_BxT
     B, T = response_BxT.shape
-    selected_1xBT = top_fraction_mask(inputs.entropy_BxT.reshape(1, B * T),
-                                      response_BxT.reshape(1, B * T), cfg.select_fraction)
+    selected_1xBT = top_fraction_mask(
+        inputs.entropy_BxT.reshape(1, B * T), response_BxT.reshape(1, B * T), cfg.select_fraction
+    )
     return selected_1xBT.reshape(B, T).astype(jnp.float32)
 
 

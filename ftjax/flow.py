@@ -24,6 +24,7 @@ the block's row strip for its inflow.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -35,7 +36,7 @@ NEG_INF = -jnp.inf
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class FlowTrace:
-    """Result of `trace`; every field is B x T.
+    """Result of `trace`; every field but the scalar `exact_blocks` is B x T.
 
     log_reach_BxT: log h (natural log), h the total path weight from the token to the answer;
         -inf where h = 0. One float32: for exact differences use the split fields.
@@ -85,7 +86,8 @@ def _validated(attn_BxTxT, source_BxT, sink_BxT, valid_BxT):
     B, T, T2 = attn_BxTxT.shape
     if T != T2:
         raise ValueError(
-            f"attn must be square in its last two dims (query, key), got {attn_BxTxT.shape}")
+            f"attn must be square in its last two dims (query, key), got {attn_BxTxT.shape}"
+        )
     if not jnp.issubdtype(attn_BxTxT.dtype, jnp.floating):
         raise ValueError(f"attn must be a float array, got dtype {attn_BxTxT.dtype}")
     masks = {"source": source_BxT, "sink": sink_BxT, "valid": valid_BxT}
@@ -128,8 +130,10 @@ def _split(shift, total):
     exactly. Exponent -inf (mantissa 0) where total or 2^shift is 0."""
     ok = jnp.isfinite(shift) & (total > 0)
     mantissa, exponent = jnp.frexp(jnp.where(ok, total, 1.0))
-    return (jnp.where(ok, shift + exponent.astype(jnp.float32), NEG_INF),
-            jnp.where(ok, mantissa, 0.0))
+    return (
+        jnp.where(ok, shift + exponent.astype(jnp.float32), NEG_INF),
+        jnp.where(ok, mantissa, 0.0),
+    )
 
 
 def _exponent(w):
@@ -213,12 +217,15 @@ def _block_reach_fast(base_exp_BxS, base_man_BxS, w_BxSxS):
     gap_BxS = jnp.where(has_rhs, base_exp_BxS - shift_Bx1, NEG_INF)
     rhs_BxS = base_man_BxS * _pow2(gap_BxS)
     u_BxS = jax.lax.linalg.triangular_solve(
-        -w_BxSxS, rhs_BxS[..., None], left_side=True, lower=False, unit_diagonal=True)[..., 0]
+        -w_BxSxS, rhs_BxS[..., None], left_side=True, lower=False, unit_diagonal=True
+    )[..., 0]
     fed_BxS = jnp.any((w_BxSxS > 0) & (u_BxS[:, None, :] > 0), axis=-1)
-    trusted = (jnp.all(jnp.where(has_rhs, gap_BxS >= -100.0, True))
-               & jnp.all(jnp.isfinite(u_BxS))
-               & jnp.all((u_BxS == 0) | (u_BxS >= 1e-30))
-               & ~jnp.any((u_BxS == 0) & fed_BxS))
+    trusted = (
+        jnp.all(jnp.where(has_rhs, gap_BxS >= -100.0, True))
+        & jnp.all(jnp.isfinite(u_BxS))
+        & jnp.all((u_BxS == 0) | (u_BxS >= 1e-30))
+        & ~jnp.any((u_BxS == 0) & fed_BxS)
+    )
     return _split(jnp.where(jnp.isfinite(top_Bx1), shift_Bx1, NEG_INF), u_BxS), trusted
 
 
@@ -242,8 +249,8 @@ def _reach(attn_BxTxT, w_NxBxSxS, sink_BxT, emits_BxT, S: int):
         base_man_BxS = jnp.where(sink_BxS, 0.5, jnp.where(emits_BxS, acc_man_BxS, 0.0))
         fast_h, trusted = _block_reach_fast(base_exp_BxS, base_man_BxS, w_BxSxS)
         h_exp_BxS, h_man_BxS = jax.lax.cond(
-            trusted, lambda: fast_h,
-            lambda: _block_reach_exact(base_exp_BxS, base_man_BxS, w_BxSxS))
+            trusted, lambda: fast_h, lambda: _block_reach_exact(base_exp_BxS, base_man_BxS, w_BxSxS)
+        )
         strip_BxSxT = jax.lax.dynamic_slice_in_dim(attn_BxTxT, n * S, S, axis=1)
         push = _weighted_sum(strip_BxSxT, h_exp_BxS[:, :, None], h_man_BxS[:, :, None], 1)
         summed = _add(acc, push)
@@ -278,22 +285,41 @@ def _flow(attn_BxTxT, w_NxBxSxS, h_exp_BxT, h_man_BxT, injection_BxT, pushes_BxT
         q_i_BxT, exp_i_BxT = carry  # q = f / mantissa of h, 0 for tokens that push nothing
         n, w_BxSxS, exp_BxS, man_BxS, inj_BxS, pushes_BxS = xs
         strip_BxSxT = jax.lax.dynamic_slice_in_dim(attn_BxTxT, n * S, S, axis=1)
-        scale_BxSxT = (man_BxS[:, :, None] * q_i_BxT[:, None, :]
-                       * _pow2(exp_BxS[:, :, None] - exp_i_BxT[:, None, :]))
+        scale_BxSxT = (
+            man_BxS[:, :, None]
+            * q_i_BxT[:, None, :]
+            * _pow2(exp_BxS[:, :, None] - exp_i_BxT[:, None, :])
+        )
         inflow_BxS = jnp.sum(strip_BxSxT * scale_BxSxT, axis=-1)
-        wc_BxSxS = _conserved(w_BxSxS, exp_BxS[:, :, None], man_BxS[:, :, None],
-                              exp_BxS[:, None, :], man_BxS[:, None, :])
+        wc_BxSxS = _conserved(
+            w_BxSxS,
+            exp_BxS[:, :, None],
+            man_BxS[:, :, None],
+            exp_BxS[:, None, :],
+            man_BxS[:, None, :],
+        )
         f_BxS = jax.lax.linalg.triangular_solve(
-            -wc_BxSxS, (inj_BxS + inflow_BxS)[..., None], left_side=True, lower=False,
-            transpose_a=True, unit_diagonal=True)[..., 0]
+            -wc_BxSxS,
+            (inj_BxS + inflow_BxS)[..., None],
+            left_side=True,
+            lower=False,
+            transpose_a=True,
+            unit_diagonal=True,
+        )[..., 0]
         # Answer tokens absorb: they push nothing.
         q_BxS = jnp.where(pushes_BxS, f_BxS / jnp.where(pushes_BxS, man_BxS, 1.0), 0.0)
         update = lambda x, v: jax.lax.dynamic_update_slice_in_dim(x, v, n * S, 1)  # noqa: E731
         carry = (update(q_i_BxT, q_BxS), update(exp_i_BxT, jnp.where(pushes_BxS, exp_BxS, 0.0)))
         return carry, f_BxS
 
-    xs = (jnp.arange(T // S), w_NxBxSxS, to_blocks(h_exp_BxT), to_blocks(h_man_BxT),
-          to_blocks(injection_BxT), to_blocks(pushes_BxT))
+    xs = (
+        jnp.arange(T // S),
+        w_NxBxSxS,
+        to_blocks(h_exp_BxT),
+        to_blocks(h_man_BxT),
+        to_blocks(injection_BxT),
+        to_blocks(pushes_BxT),
+    )
     carry0 = (jnp.zeros((B, T)), jnp.zeros((B, T)))
     _, f_NxBxS = jax.lax.scan(block, carry0, xs)
     return _from_blocks(f_NxBxS)
@@ -312,7 +338,13 @@ def trace(attn_BxTxT, source_BxT, sink_BxT, valid_BxT=None, *, block_size: int =
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     attn_BxTxT, source_BxT, sink_BxT, valid_BxT = _validated(
-        attn_BxTxT, source_BxT, sink_BxT, valid_BxT)
+        attn_BxTxT, source_BxT, sink_BxT, valid_BxT
+    )
+    return _trace(attn_BxTxT, source_BxT, sink_BxT, valid_BxT, block_size=block_size)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size",))
+def _trace(attn_BxTxT, source_BxT, sink_BxT, valid_BxT, *, block_size: int) -> FlowTrace:
     B, T, _ = attn_BxTxT.shape
     S = min(block_size, T)
     Tp = math.ceil(T / S) * S
@@ -323,8 +355,11 @@ def trace(attn_BxTxT, source_BxT, sink_BxT, valid_BxT=None, *, block_size: int =
     attn_BxTxT = jax.lax.stop_gradient(attn_BxTxT)
 
     emits_BxT = valid_BxT & ~sink_BxT  # keys whose out-edges exist (answer tokens absorb)
-    edge_NxBxSxS = (jnp.triu(jnp.ones((S, S), bool), 1) & _to_blocks(emits_BxT, S)[..., :, None]
-                    & _to_blocks(valid_BxT, S)[..., None, :])
+    edge_NxBxSxS = (
+        jnp.triu(jnp.ones((S, S), bool), 1)
+        & _to_blocks(emits_BxT, S)[..., :, None]
+        & _to_blocks(valid_BxT, S)[..., None, :]
+    )
     w_NxBxSxS = jnp.where(edge_NxBxSxS, _diagonal_blocks(attn_BxTxT, S), 0.0)
 
     h_exp_BxT, h_man_BxT, exact_blocks = _reach(attn_BxTxT, w_NxBxSxS, sink_BxT, emits_BxT, S)
@@ -334,21 +369,33 @@ def trace(attn_BxTxT, source_BxT, sink_BxT, valid_BxT=None, *, block_size: int =
     crop = lambda x: x[:, :T]  # noqa: E731
     log_reach_BxT = h_exp_BxT * math.log(2.0) + _log(h_man_BxT)
     return FlowTrace(
-        log_reach_BxT=crop(log_reach_BxT), reach_exponent_BxT=crop(h_exp_BxT),
-        reach_mantissa_BxT=crop(h_man_BxT), flow_BxT=crop(f_BxT), throughput_BxT=crop(2.0 * f_BxT),
-        injection_BxT=crop(injection_BxT), sink_BxT=crop(sink_BxT), valid_BxT=crop(valid_BxT),
-        exact_blocks=exact_blocks)
+        log_reach_BxT=crop(log_reach_BxT),
+        reach_exponent_BxT=crop(h_exp_BxT),
+        reach_mantissa_BxT=crop(h_man_BxT),
+        flow_BxT=crop(f_BxT),
+        throughput_BxT=crop(2.0 * f_BxT),
+        injection_BxT=crop(injection_BxT),
+        sink_BxT=crop(sink_BxT),
+        valid_BxT=crop(valid_BxT),
+        exact_blocks=exact_blocks,
+    )
 
 
 def _conserved_weights(attn_BxTxT, tr: FlowTrace):
     """W'[i, k] in attn's layout: out[b, k, i] = attn[b, k, i] h(k) / h(i) on live edges, else 0."""
     T = attn_BxTxT.shape[-1]
     emits_BxT = tr.valid_BxT & ~tr.sink_BxT
-    edge_BxTxT = (jnp.tril(jnp.ones((T, T), bool), -1) & tr.valid_BxT[:, :, None]
-                  & emits_BxT[:, None, :])
+    edge_BxTxT = (
+        jnp.tril(jnp.ones((T, T), bool), -1) & tr.valid_BxT[:, :, None] & emits_BxT[:, None, :]
+    )
     w_BxTxT = jnp.where(edge_BxTxT, attn_BxTxT, 0.0)
-    return _conserved(w_BxTxT, tr.reach_exponent_BxT[:, None, :], tr.reach_mantissa_BxT[:, None, :],
-                      tr.reach_exponent_BxT[:, :, None], tr.reach_mantissa_BxT[:, :, None])
+    return _conserved(
+        w_BxTxT,
+        tr.reach_exponent_BxT[:, None, :],
+        tr.reach_mantissa_BxT[:, None, :],
+        tr.reach_exponent_BxT[:, :, None],
+        tr.reach_mantissa_BxT[:, :, None],
+    )
 
 
 def edge_flow(attn_BxTxT, tr: FlowTrace) -> jax.Array:
@@ -379,5 +426,7 @@ def backbone(attn_BxTxT, tr: FlowTrace, k: int) -> Backbone:
     return Backbone(
         edge_src_BxK=(flat_BxK % T).astype(jnp.int32),
         edge_dst_BxK=(flat_BxK // T).astype(jnp.int32),
-        edge_flow_BxK=edge_flow_BxK, hub_BxK=hub_BxK.astype(jnp.int32),
-        hub_throughput_BxK=hub_throughput_BxK)
+        edge_flow_BxK=edge_flow_BxK,
+        hub_BxK=hub_BxK.astype(jnp.int32),
+        hub_throughput_BxK=hub_throughput_BxK,
+    )

@@ -1,0 +1,1 @@
+"""Decoder-only policy transformers (Flax NNX), their configs and checkpoint loaders."""

@@ -1,0 +1,362 @@
+"""Decoder-only transformer in Flax NNX with FlowTracer's attention capture fused in.
+
+Dims: B batch, T query tokens, S key slots (T without a cache, the cache length with one),
+E hidden, H query heads, K key/value heads, G = H / K, D head dim, F MLP width, V vocab, L layers.
+
+Captured layers compute explicit softmax probabilities and reduce them to the head mean inside the
+layer (running mean over captured layers), under stop_gradient; the other layers use
+`jax.nn.dot_product_attention`, which may dispatch to a fused kernel. Parameter names follow
+Hugging Face's (`layers[i].self_attn.q_proj`, ...), so loaders map checkpoints one to one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ftjax import capture as capture_lib
+from ftjax.models.config import SLIDING, ModelConfig, RopeScaling
+
+_MASKED = -1e30  # finite, so fully masked (padding) query rows give no NaN
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys and values of every layer for S slots; slots [0, index) are filled.
+
+    valid_BxS marks slots that hold real tokens (left padding of short prompts is invalid).
+    """
+
+    k_LxBxSxKxD: jax.Array
+    v_LxBxSxKxD: jax.Array
+    valid_BxS: jax.Array
+    index: jax.Array
+
+    @staticmethod
+    def empty(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
+        shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+        return KVCache(
+            jnp.zeros(shape, dtype),
+            jnp.zeros(shape, dtype),
+            jnp.zeros((batch, slots), bool),
+            jnp.zeros((), jnp.int32),
+        )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ForwardOutput:
+    """logits_BxTxV; attn_BxTxS: captured head-and-layer-mean map (None without capture);
+    layer_attn_LxBxTxS: per captured layer head means (capture.per_layer); head_probs_LxBxHxTxS:
+    every layer's per-head probabilities (debug_probs only); cache: the updated KV cache."""
+
+    logits_BxTxV: jax.Array
+    attn_BxTxS: jax.Array | None = None
+    layer_attn_LxBxTxS: jax.Array | None = None
+    head_probs_LxBxHxTxS: jax.Array | None = None
+    cache: KVCache | None = None
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None):
+    """RoPE inverse frequencies (D/2,), with Llama-3's frequency-dependent scaling if given."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    old = scaling.original_max_position_embeddings
+    low_wavelen, high_wavelen = old / scaling.low_freq_factor, old / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x_BxTxNxD, positions_BxT, inv_freq):
+    """Rotate pairs (d, d + D/2) by position * frequency (the Hugging Face layout)."""
+    angles_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+    angles_BxTx1xD = jnp.concatenate([angles_BxTxF, angles_BxTxF], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles_BxTx1xD), jnp.sin(angles_BxTx1xD)
+    half = x_BxTxNxD.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BxTxNxD[..., half:], x_BxTxNxD[..., :half]], axis=-1)
+    return x_BxTxNxD * cos.astype(x_BxTxNxD.dtype) + rotated * sin.astype(x_BxTxNxD.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * w, or * (1 + w) for Gemma; computed in float32."""
+
+    def __init__(self, dim: int, eps: float, plus_one: bool, param_dtype=jnp.float32):
+        self.weight = nnx.Param(
+            jnp.zeros(dim, param_dtype) if plus_one else jnp.ones(dim, param_dtype)
+        )
+        self.eps, self.plus_one = eps, plus_one
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        w = self.weight.value.astype(jnp.float32)
+        return (normed * (1.0 + w if self.plus_one else w)).astype(x.dtype)
+
+
+def _linear(cfg_in: int, cfg_out: int, bias: bool, rngs: nnx.Rngs, dtype, param_dtype):
+    return nnx.Linear(
+        cfg_in,
+        cfg_out,
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nnx.initializers.normal(0.02),
+        rngs=rngs,
+    )
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs, dtype, param_dtype):
+        E, H, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        lin = lambda i, o, b: _linear(i, o, b, rngs, dtype, param_dtype)  # noqa: E731
+        self.q_proj = lin(E, H * D, cfg.attention_bias)
+        self.k_proj = lin(E, K * D, cfg.attention_bias)
+        self.v_proj = lin(E, K * D, cfg.attention_bias)
+        self.o_proj = lin(H * D, E, False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps, cfg.norm_plus_one, param_dtype)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps, cfg.norm_plus_one, param_dtype)
+        sliding = cfg.layer_type(layer) == SLIDING
+        self.window = cfg.sliding_window if sliding else None
+        self.rope_theta = (
+            cfg.rope_local_theta if sliding and cfg.rope_local_theta else cfg.rope_theta
+        )
+        self.rope_scaling = None if sliding else cfg.rope_scaling
+        self.heads, self.kv_heads, self.head_dim = H, K, D
+        self.qk_norm, self.scale, self.softcap = (
+            cfg.qk_norm,
+            cfg.attention_scale,
+            cfg.attn_logit_softcap,
+        )
+
+    def __call__(self, x_BxTxE, positions_BxT, mask_BxTxS, kv=None, explicit: bool = False):
+        """Returns (out_BxTxE, probs_BxHxTxS or None, (k, v) written to the cache slots)."""
+        B, T, _ = x_BxTxE.shape
+        H, K, D = self.heads, self.kv_heads, self.head_dim
+        q_BxTxHxD = self.q_proj(x_BxTxE).reshape(B, T, H, D)
+        k_BxTxKxD = self.k_proj(x_BxTxE).reshape(B, T, K, D)
+        v_BxTxKxD = self.v_proj(x_BxTxE).reshape(B, T, K, D)
+        if self.qk_norm:
+            q_BxTxHxD, k_BxTxKxD = self.q_norm(q_BxTxHxD), self.k_norm(k_BxTxKxD)
+        inv_freq = rope_inverse_frequencies(D, self.rope_theta, self.rope_scaling)
+        q_BxTxHxD = apply_rope(q_BxTxHxD, positions_BxT, inv_freq)
+        k_BxTxKxD = apply_rope(k_BxTxKxD, positions_BxT, inv_freq)
+        k_BxSxKxD, v_BxSxKxD = (k_BxTxKxD, v_BxTxKxD) if kv is None else kv(k_BxTxKxD, v_BxTxKxD)
+        if not (explicit or self.softcap):
+            out = jax.nn.dot_product_attention(
+                q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask_BxTxS[:, None], scale=self.scale
+            )
+            return self.o_proj(out.reshape(B, T, H * D)), None, (k_BxTxKxD, v_BxTxKxD)
+        G = H // K
+        q_BxTxKxGxD = q_BxTxHxD.reshape(B, T, K, G, D)
+        logits = (
+            jnp.einsum(
+                "btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD, preferred_element_type=jnp.float32
+            )
+            * self.scale
+        )
+        if self.softcap:
+            logits = jnp.tanh(logits / self.softcap) * self.softcap
+        logits = jnp.where(mask_BxTxS[:, None, None], logits, _MASKED)
+        probs_BxKxGxTxS = jax.nn.softmax(logits, axis=-1)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs_BxKxGxTxS.astype(v_BxSxKxD.dtype), v_BxSxKxD)
+        probs_BxHxTxS = probs_BxKxGxTxS.reshape(B, H, T, -1)
+        return self.o_proj(out.reshape(B, T, H * D)), probs_BxHxTxS, (k_BxTxKxD, v_BxTxKxD)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dtype, param_dtype):
+        E, F = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = _linear(E, F, False, rngs, dtype, param_dtype)
+        self.up_proj = _linear(E, F, False, rngs, dtype, param_dtype)
+        self.down_proj = _linear(F, E, False, rngs, dtype, param_dtype)
+        self.activation = cfg.activation
+
+    def __call__(self, x):
+        gate = self.gate_proj(x)
+        act = (
+            jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+        )
+        return self.down_proj(act * self.up_proj(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs, dtype, param_dtype):
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one, param_dtype)  # noqa: E731
+        self.input_layernorm = norm()
+        self.self_attn = Attention(cfg, layer, rngs, dtype, param_dtype)
+        self.post_attention_layernorm = norm()
+        self.mlp = MLP(cfg, rngs, dtype, param_dtype)
+        self.sandwich = cfg.sandwich_norm
+        if cfg.sandwich_norm:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+
+    def __call__(self, x_BxTxE, positions_BxT, mask_BxTxS, kv=None, explicit=False):
+        h, probs, new_kv = self.self_attn(
+            self.input_layernorm(x_BxTxE), positions_BxT, mask_BxTxS, kv, explicit
+        )
+        if self.sandwich:
+            x_BxTxE = x_BxTxE + self.post_attention_layernorm(h)
+            x_BxTxE = x_BxTxE + self.post_feedforward_layernorm(
+                self.mlp(self.pre_feedforward_layernorm(x_BxTxE))
+            )
+        else:
+            x_BxTxE = x_BxTxE + h
+            x_BxTxE = x_BxTxE + self.mlp(self.post_attention_layernorm(x_BxTxE))
+        return x_BxTxE, probs, new_kv
+
+
+def attention_mask(query_slot_BxT, key_slot_S, key_valid_BxS, window: int | None):
+    """Causal over slots, real keys only, and within `window` slots for sliding layers."""
+    lag_BxTxS = query_slot_BxT[:, :, None] - key_slot_S[None, None, :]
+    mask_BxTxS = (lag_BxTxS >= 0) & key_valid_BxS[:, None, :]
+    if window is not None:
+        mask_BxTxS &= lag_BxTxS < window
+    return mask_BxTxS
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+        self.cfg = cfg
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_init=nnx.initializers.normal(0.02),
+            rngs=rngs,
+        )
+        self.layers = nnx.List(
+            [Block(cfg, i, rngs, dtype, param_dtype) for i in range(cfg.num_layers)]
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one, param_dtype)
+        if not cfg.tie_embeddings:
+            self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, rngs, dtype, param_dtype)
+
+    def __call__(
+        self,
+        tokens_BxT,
+        *,
+        positions_BxT=None,
+        valid_BxT=None,
+        capture: capture_lib.CaptureSpec = capture_lib.NONE,
+        cache: KVCache | None = None,
+        debug_probs: bool = False,
+    ) -> ForwardOutput:
+        """Forward pass. Without a cache, positions default to the count of earlier valid tokens
+        (left padding gets real positions); with one, tokens fill slots [index, index + T)."""
+        cfg = self.cfg
+        tokens_BxT = jnp.asarray(tokens_BxT)
+        if tokens_BxT.ndim != 2:
+            raise ValueError(f"tokens must have shape (B, T), got {tokens_BxT.shape}")
+        B, T = tokens_BxT.shape
+        valid_BxT = jnp.ones((B, T), bool) if valid_BxT is None else jnp.asarray(valid_BxT, bool)
+        if valid_BxT.shape != (B, T):
+            raise ValueError(f"valid mask shape {valid_BxT.shape} != tokens shape {(B, T)}")
+        _check_tokens(tokens_BxT, cfg.vocab_size)
+        if positions_BxT is None:
+            offset_Bx1 = 0 if cache is None else jnp.sum(cache.valid_BxS, -1, keepdims=True)
+            positions_BxT = offset_Bx1 + jnp.maximum(jnp.cumsum(valid_BxT, axis=-1) - 1, 0)
+        slots = T if cache is None else cache.valid_BxS.shape[1]
+        if slots > cfg.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {slots} tokens exceeds the model's context of "
+                f"{cfg.max_position_embeddings}"
+            )
+        index = 0 if cache is None else cache.index
+        query_slot_BxT = jnp.broadcast_to(index + jnp.arange(T), (B, T))
+        key_valid_BxS = (
+            valid_BxT
+            if cache is None
+            else jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, valid_BxT, index, 1)
+        )
+        masks = {
+            w: attention_mask(query_slot_BxT, jnp.arange(slots), key_valid_BxS, w)
+            for w in {layer.self_attn.window for layer in self.layers}
+        }
+
+        captured = capture_lib.captured_layers(capture, cfg.num_layers)
+        x_BxTxE = self.embed_tokens(tokens_BxT)
+        if cfg.scale_embeddings:
+            x_BxTxE = x_BxTxE * jnp.asarray(math.sqrt(cfg.hidden_size), x_BxTxE.dtype)
+        attn_sum_BxTxS, layer_maps, head_probs, new_k, new_v = None, [], [], [], []
+        for i, layer in enumerate(self.layers):
+            kv = None
+            if cache is not None:
+
+                def kv(k, v, i=i):  # write this step's keys/values, attend over all slots
+                    return (
+                        jax.lax.dynamic_update_slice_in_dim(cache.k_LxBxSxKxD[i], k, index, 1),
+                        jax.lax.dynamic_update_slice_in_dim(cache.v_LxBxSxKxD[i], v, index, 1),
+                    )
+
+            x_BxTxE, probs, (k, v) = layer(
+                x_BxTxE,
+                positions_BxT,
+                masks[layer.self_attn.window],
+                kv,
+                explicit=debug_probs or i in captured,
+            )
+            new_k.append(k)
+            new_v.append(v)
+            if debug_probs:
+                head_probs.append(probs)
+            if i in captured:
+                head_mean_BxTxS = jax.lax.stop_gradient(jnp.mean(probs, axis=1))
+                head_mean_BxTxS = jnp.where(valid_BxT[:, :, None], head_mean_BxTxS, 0.0)
+                attn_sum_BxTxS = (
+                    head_mean_BxTxS if attn_sum_BxTxS is None else attn_sum_BxTxS + head_mean_BxTxS
+                )
+                if capture.per_layer:
+                    layer_maps.append(head_mean_BxTxS)
+        x_BxTxE = self.norm(x_BxTxE)
+        if cfg.tie_embeddings:
+            logits_BxTxV = self.embed_tokens.attend(x_BxTxE)
+        else:
+            logits_BxTxV = self.lm_head(x_BxTxE)
+        logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+        if cfg.final_logit_softcap:
+            logits_BxTxV = (
+                jnp.tanh(logits_BxTxV / cfg.final_logit_softcap) * cfg.final_logit_softcap
+            )
+        new_cache = None
+        if cache is not None:
+            put = lambda old, new: jax.lax.dynamic_update_slice_in_dim(old, new, index, 2)  # noqa: E731
+            new_cache = KVCache(
+                put(cache.k_LxBxSxKxD, jnp.stack(new_k).astype(cache.k_LxBxSxKxD.dtype)),
+                put(cache.v_LxBxSxKxD, jnp.stack(new_v).astype(cache.v_LxBxSxKxD.dtype)),
+                key_valid_BxS,
+                cache.index + T,
+            )
+        return ForwardOutput(
+            logits_BxTxV=logits_BxTxV,
+            attn_BxTxS=None if attn_sum_BxTxS is None else attn_sum_BxTxS / len(captured),
+            layer_attn_LxBxTxS=jnp.stack(layer_maps) if layer_maps else None,
+            head_probs_LxBxHxTxS=jnp.stack(head_probs) if head_probs else None,
+            cache=new_cache,
+        )
+
+
+def _check_tokens(tokens_BxT, vocab_size: int) -> None:
+    if not jnp.issubdtype(tokens_BxT.dtype, jnp.integer):
+        raise ValueError(f"token ids must be integers, got dtype {tokens_BxT.dtype}")
+    if isinstance(tokens_BxT, jax.core.Tracer):
+        return
+    low, high = int(jnp.min(tokens_BxT)), int(jnp.max(tokens_BxT))
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"token ids must be in [0, {vocab_size}), got range [{low}, {high}]")
