@@ -76,7 +76,7 @@ def _generate(graphdef, state, prompt_BxP, prompt_valid_BxP, rng, cfg: SamplingC
     model = nnx.merge(graphdef, state)
     B, P = prompt_BxP.shape
     N = cfg.max_new_tokens
-    cache = KVCache.empty(model.cfg, B, P + N, dtype=model.embed_tokens.embedding.value.dtype)
+    cache = KVCache.empty(model.cfg, B, P + N, dtype=model.embed_tokens.embedding.get_value().dtype)
     out = model(prompt_BxP, valid_BxT=prompt_valid_BxP, cache=cache)
     eos_E = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
 

