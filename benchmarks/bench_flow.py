@@ -9,13 +9,12 @@ On a GPU the default shapes add (1, 8192) and (8, 2048).
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.scipy.linalg import solve_triangular
 
+from benchmarks.common import median_ms
 from ftjax.flow import trace
 
 CPU_SHAPES = ((8, 512), (8, 1024), (2, 4096))
@@ -30,16 +29,6 @@ def causal_attention(key, B: int, T: int):
     logits = logits.at[:, :, 0].add(3.0)
     logits = jnp.where(pos[None, :] <= pos[:, None], logits, -jnp.inf)
     return jax.nn.softmax(logits, axis=-1)
-
-
-def median_ms(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
 
 
 def bench_shape(B: int, T: int, block_size: int, repeats: int) -> tuple[float, float]:

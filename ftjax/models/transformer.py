@@ -22,6 +22,7 @@ from ftjax import capture as capture_lib
 from ftjax.models.config import SLIDING, ModelConfig, RopeScaling
 
 _MASKED = -1e30  # finite, so fully masked (padding) query rows give no NaN
+_QUERY_CHUNK = 256  # captured layers materialise B x H x 256 x S probabilities at a time
 
 
 @jax.tree_util.register_dataclass
@@ -143,8 +144,13 @@ class Attention(nnx.Module):
             cfg.attn_logit_softcap,
         )
 
-    def __call__(self, x_BxTxE, positions_BxT, mask_BxTxS, kv=None, explicit: bool = False):
-        """Returns (out_BxTxE, probs_BxHxTxS or None, (k, v) written to the cache slots)."""
+    def __call__(self, x_BxTxE, positions_BxT, mask_BxTxS, kv=None, mode: str = "fused"):
+        """Returns (out_BxTxE, extra, (k, v) for the cache slots of this step).
+
+        mode "fused": `jax.nn.dot_product_attention` (may be a fused kernel), extra None;
+        "capture": explicit softmax in query chunks, extra = head-mean probabilities B x T x S;
+        "debug": explicit, extra = per-head probabilities B x H x T x S.
+        """
         B, T, _ = x_BxTxE.shape
         H, K, D = self.heads, self.kv_heads, self.head_dim
         q_BxTxHxD = self.q_proj(x_BxTxE).reshape(B, T, H, D)
@@ -156,26 +162,50 @@ class Attention(nnx.Module):
         q_BxTxHxD = apply_rope(q_BxTxHxD, positions_BxT, inv_freq)
         k_BxTxKxD = apply_rope(k_BxTxKxD, positions_BxT, inv_freq)
         k_BxSxKxD, v_BxSxKxD = (k_BxTxKxD, v_BxTxKxD) if kv is None else kv(k_BxTxKxD, v_BxTxKxD)
-        if not (explicit or self.softcap):
+        new_kv = (k_BxTxKxD, v_BxTxKxD)
+        if mode == "fused" and not self.softcap:
             out = jax.nn.dot_product_attention(
                 q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask_BxTxS[:, None], scale=self.scale
             )
-            return self.o_proj(out.reshape(B, T, H * D)), None, (k_BxTxKxD, v_BxTxKxD)
-        G = H // K
-        q_BxTxKxGxD = q_BxTxHxD.reshape(B, T, K, G, D)
-        logits = (
-            jnp.einsum(
-                "btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD, preferred_element_type=jnp.float32
-            )
-            * self.scale
+            return self.o_proj(out.reshape(B, T, H * D)), None, new_kv
+        q_BxTxKxGxD = q_BxTxHxD.reshape(B, T, K, H // K, D)
+        if mode == "debug":
+            out, probs_BxKxGxTxS = self._explicit(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS)
+            extra = probs_BxKxGxTxS.reshape(B, H, T, -1)
+        else:
+            out, extra = self._chunked(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS)
+        return self.o_proj(out.reshape(B, T, H * D)), extra, new_kv
+
+    def _explicit(self, q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS):
+        logits = self.scale * jnp.einsum(
+            "btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD, preferred_element_type=jnp.float32
         )
         if self.softcap:
             logits = jnp.tanh(logits / self.softcap) * self.softcap
         logits = jnp.where(mask_BxTxS[:, None, None], logits, _MASKED)
         probs_BxKxGxTxS = jax.nn.softmax(logits, axis=-1)
         out = jnp.einsum("bkgts,bskd->btkgd", probs_BxKxGxTxS.astype(v_BxSxKxD.dtype), v_BxSxKxD)
-        probs_BxHxTxS = probs_BxKxGxTxS.reshape(B, H, T, -1)
-        return self.o_proj(out.reshape(B, T, H * D)), probs_BxHxTxS, (k_BxTxKxD, v_BxTxKxD)
+        return out, probs_BxKxGxTxS
+
+    def _chunked(self, q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS):
+        """Explicit attention over query chunks, keeping only each chunk's head mean: the working
+        set is B x H x C x S per chunk, not B x H x T x S."""
+
+        def chunk(q, mask):
+            out, probs_BxKxGxCxS = self._explicit(q, k_BxSxKxD, v_BxSxKxD, mask)
+            return out, jnp.mean(probs_BxKxGxCxS, axis=(1, 2))
+
+        B, T = mask_BxTxS.shape[:2]
+        C = _QUERY_CHUNK
+        if T <= C or T % C:
+            return chunk(q_BxTxKxGxD, mask_BxTxS)
+        q_NxBxCxKxGxD = jnp.swapaxes(
+            q_BxTxKxGxD.reshape(B, T // C, C, *q_BxTxKxGxD.shape[2:]), 0, 1
+        )
+        mask_NxBxCxS = jnp.swapaxes(mask_BxTxS.reshape(B, T // C, C, -1), 0, 1)
+        out_N, mean_N = jax.lax.map(lambda xs: chunk(*xs), (q_NxBxCxKxGxD, mask_NxBxCxS))
+        out_BxTxKxGxD = jnp.swapaxes(out_N, 0, 1).reshape(B, T, *out_N.shape[3:])
+        return out_BxTxKxGxD, jnp.swapaxes(mean_N, 0, 1).reshape(B, T, -1)
 
 
 class MLP(nnx.Module):
@@ -206,9 +236,9 @@ class Block(nnx.Module):
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
 
-    def __call__(self, x_BxTxE, positions_BxT, mask_BxTxS, kv=None, explicit=False):
-        h, probs, new_kv = self.self_attn(
-            self.input_layernorm(x_BxTxE), positions_BxT, mask_BxTxS, kv, explicit
+    def __call__(self, x_BxTxE, positions_BxT, mask_BxTxS, kv=None, mode="fused"):
+        h, extra, new_kv = self.self_attn(
+            self.input_layernorm(x_BxTxE), positions_BxT, mask_BxTxS, kv, mode
         )
         if self.sandwich:
             x_BxTxE = x_BxTxE + self.post_attention_layernorm(h)
@@ -218,7 +248,7 @@ class Block(nnx.Module):
         else:
             x_BxTxE = x_BxTxE + h
             x_BxTxE = x_BxTxE + self.mlp(self.post_attention_layernorm(x_BxTxE))
-        return x_BxTxE, probs, new_kv
+        return x_BxTxE, extra, new_kv
 
 
 def attention_mask(query_slot_BxT, key_slot_S, key_valid_BxS, window: int | None):
@@ -305,19 +335,17 @@ class Transformer(nnx.Module):
                         jax.lax.dynamic_update_slice_in_dim(cache.v_LxBxSxKxD[i], v, index, 1),
                     )
 
-            x_BxTxE, probs, (k, v) = layer(
-                x_BxTxE,
-                positions_BxT,
-                masks[layer.self_attn.window],
-                kv,
-                explicit=debug_probs or i in captured,
+            mode = "debug" if debug_probs else "capture" if i in captured else "fused"
+            x_BxTxE, extra, (k, v) = layer(
+                x_BxTxE, positions_BxT, masks[layer.self_attn.window], kv, mode
             )
             new_k.append(k)
             new_v.append(v)
             if debug_probs:
-                head_probs.append(probs)
+                head_probs.append(extra)
             if i in captured:
-                head_mean_BxTxS = jax.lax.stop_gradient(jnp.mean(probs, axis=1))
+                head_mean = jnp.mean(extra, axis=1) if debug_probs else extra
+                head_mean_BxTxS = jax.lax.stop_gradient(head_mean)
                 head_mean_BxTxS = jnp.where(valid_BxT[:, :, None], head_mean_BxTxS, 0.0)
                 attn_sum_BxTxS = (
                     head_mean_BxTxS if attn_sum_BxTxS is None else attn_sum_BxTxS + head_mean_BxTxS

@@ -1,0 +1,30 @@
+"""Shared timing helpers for the benchmarks (median wall time of warm calls)."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+
+def median_ms(fn, *args, repeats: int = 10) -> float:
+    """Median wall time in ms of `fn(*args)` after one warm-up (compile) call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def compiled_bytes(jitted, *args) -> int:
+    """Peak working memory XLA plans for one call: temporaries plus outputs (arguments excluded)."""
+    stats = jitted.lower(*args).compile().memory_analysis()
+    return int(stats.temp_size_in_bytes + stats.output_size_in_bytes)
+
+
+def environment_line() -> str:
+    device = jax.devices()[0]
+    return f"jax {jax.__version__}, backend {jax.default_backend()}, device {device.device_kind}"
