@@ -1,0 +1,145 @@
+"""Policy-gradient losses: group advantages, clipped surrogate, loss aggregation, KL estimators.
+
+Dims: B sequences (groups of G consecutive responses to one prompt), T tokens.
+
+Token credit enters as `gamma_BxT`, which multiplies each response's advantage token by token for
+both signs (flowtracer.md, step 5); `gamma = response mask` is plain GRPO/DAPO.
+Aggregation changes the effective learning rate (peers.md), so it is an explicit choice:
+- "token-mean" (DAPO): sum over all response tokens of the batch / their count;
+- "seq-mean-token-mean" (GRPO): mean over sequences of each sequence's token mean;
+- "constant" (Dr.GRPO): sum over tokens / (B * max_tokens), a length-independent constant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "constant")
+KL_ESTIMATORS = ("k1", "k3")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """clip_low/clip_high: ratio clipped to [1 - clip_low, 1 + clip_high] (DAPO clip-higher:
+    0.2 / 0.28). scale_advantages: divide by the group's std (GRPO); False for Dr.GRPO.
+    kl_coef: weight of the KL to a reference policy (0: off, as in the paper)."""
+
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    aggregation: str = "token-mean"
+    max_tokens: int | None = None  # the "constant" normaliser; None: the batch's T
+    scale_advantages: bool = True
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    std_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(
+                f"unknown loss aggregation {self.aggregation!r}; known: {AGGREGATIONS}"
+            )
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"unknown KL estimator {self.kl_estimator!r}; known: {KL_ESTIMATORS}")
+        if not (0.0 <= self.clip_low < 1.0 and self.clip_high >= 0.0):
+            raise ValueError(
+                f"clip_low must be in [0, 1) and clip_high >= 0, got {self.clip_low}, "
+                f"{self.clip_high}"
+            )
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if not self.std_eps > 0:
+            raise ValueError(
+                f"std_eps must be > 0 (a zero-variance group divides by it), got {self.std_eps}"
+            )
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be None or >= 1, got {self.max_tokens}")
+
+
+def group_advantages(rewards_B, group_size: int, scale: bool = True, eps: float = 1e-6):
+    """A_i = r_i - mean(group), divided by the group's std (unbiased, as TRL) when `scale`."""
+    B = rewards_B.shape[0]
+    if group_size < 1 or B % group_size:
+        raise ValueError(f"batch of {B} responses is not a whole number of groups of {group_size}")
+    if scale and group_size < 2:
+        raise ValueError("std-scaled advantages need group_size >= 2")
+    if scale and not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    rewards_NxG = rewards_B.reshape(B // group_size, group_size).astype(jnp.float32)
+    centred_NxG = rewards_NxG - jnp.mean(rewards_NxG, axis=-1, keepdims=True)
+    if scale:
+        centred_NxG = centred_NxG / (jnp.std(rewards_NxG, axis=-1, ddof=1, keepdims=True) + eps)
+    return centred_NxG.reshape(B)
+
+
+def kl_estimate(log_probs_BxT, ref_log_probs_BxT, estimator: str):
+    """Per-token estimate of KL(pi || ref) from samples of pi (Schulman's k1 and k3)."""
+    log_ratio_BxT = ref_log_probs_BxT - log_probs_BxT
+    if estimator == "k1":
+        return -log_ratio_BxT
+    return jnp.exp(log_ratio_BxT) - log_ratio_BxT - 1.0
+
+
+def aggregate(loss_BxT, mask_BxT, cfg: LossConfig):
+    """Reduce per-token losses to one scalar as `cfg.aggregation` says (see module docstring)."""
+    # where, not a product: a non-finite value at a masked position must not leak into the sum
+    mask_BxT = mask_BxT.astype(bool)
+    masked_BxT = jnp.where(mask_BxT, loss_BxT, 0.0)
+    total = jnp.sum(masked_BxT)
+    if cfg.aggregation == "token-mean":
+        return total / jnp.maximum(jnp.sum(mask_BxT), 1)
+    if cfg.aggregation == "constant":
+        B, T = mask_BxT.shape
+        return total / (B * (cfg.max_tokens or T))
+    count_B = jnp.sum(mask_BxT, axis=-1)
+    seq_B = jnp.sum(masked_BxT, axis=-1) / jnp.maximum(count_B, 1)
+    return jnp.sum(seq_B) / jnp.maximum(jnp.sum(count_B > 0), 1)
+
+
+def policy_loss(
+    log_probs_BxT,
+    old_log_probs_BxT,
+    advantages_B,
+    gamma_BxT,
+    mask_BxT,
+    cfg: LossConfig,
+    ref_log_probs_BxT=None,
+):
+    """Clipped surrogate with token-weighted advantages, plus optional KL. Returns (loss, metrics).
+
+    L = agg_t[-min(rho A~, clip(rho, 1 - eps_low, 1 + eps_high) A~)] + beta agg_t[KL],
+    rho = exp(log pi - log pi_old), A~[b, t] = gamma[b, t] A[b].
+    """
+    mask_BxT = mask_BxT.astype(bool)
+    adv_BxT = gamma_BxT * advantages_B[:, None]
+    ratio_BxT = jnp.exp(jnp.where(mask_BxT, log_probs_BxT - old_log_probs_BxT, 0.0))
+    clipped_BxT = jnp.clip(ratio_BxT, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
+    surrogate_BxT = -jnp.minimum(ratio_BxT * adv_BxT, clipped_BxT * adv_BxT)
+    loss = aggregate(surrogate_BxT, mask_BxT, cfg)
+    count = jnp.maximum(jnp.sum(mask_BxT), 1)
+    was_clipped_BxT = (ratio_BxT * adv_BxT > clipped_BxT * adv_BxT) & mask_BxT
+    metrics = {
+        "pg_loss": loss,
+        "clip_fraction": jnp.sum(was_clipped_BxT) / count,
+        "ratio_mean": jnp.sum(jnp.where(mask_BxT, ratio_BxT, 0.0)) / count,
+    }
+    if cfg.kl_coef > 0:
+        if ref_log_probs_BxT is None:
+            raise ValueError("kl_coef > 0 needs reference log-probs")
+        kl = aggregate(
+            kl_estimate(log_probs_BxT, ref_log_probs_BxT, cfg.kl_estimator), mask_BxT, cfg
+        )
+        loss = loss + cfg.kl_coef * kl
+        metrics["kl"] = kl
+    metrics["loss"] = loss
+    return loss, metrics
+
+
+def token_log_probs(logits_BxTxV, targets_BxT):
+    """log softmax(logits)[target] and the entropy of each position's distribution."""
+    log_probs_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+    picked_BxT = jnp.take_along_axis(log_probs_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+    entropy_BxT = -jnp.sum(jnp.exp(log_probs_BxTxV) * log_probs_BxTxV, axis=-1)
+    return picked_BxT, entropy_BxT

@@ -1,0 +1,218 @@
+"""Train state and the RL train step: capture -> credit -> loss -> grads -> update, one jit.
+
+Dims: B sequences (prompt + response, prompt left-padded), T tokens, V vocab.
+
+`train_step(state, batch) -> (state, metrics)` is pure; `make_train_step` jits it once with
+explicit in/out shardings on the mesh and donated state. The captured attention comes from the
+same forward pass that computes the log-probs for the loss (no extra pass); it is under
+stop_gradient, so credit never receives gradient. With several optimisation epochs per rollout
+batch, run `prepare` once (old log-probs and credit from the pre-update policy) and pass its
+gamma in the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from ftjax import credit as credit_lib
+from ftjax import rl, sharding
+from ftjax.capture import NONE, CaptureSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    grad_clip: float = 1.0
+    max_nonfinite_steps: int = 3  # consecutive skipped steps before the loop stops
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise ValueError(f"OptimConfig.lr must be > 0, got {self.lr}")
+        if self.grad_clip <= 0:
+            raise ValueError(f"OptimConfig.grad_clip must be > 0, got {self.grad_clip}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    group_size: int = 8
+    loss: rl.LossConfig = rl.LossConfig()
+    credit: credit_lib.CreditConfig = credit_lib.CreditConfig()
+    capture: CaptureSpec = CaptureSpec()
+    optim: OptimConfig = OptimConfig()
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    params: nnx.State
+    opt_state: optax.OptState
+    step: jax.Array
+    rng: jax.Array
+    nonfinite_streak: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One rollout batch. log-probs are per token, log p(token_t | tokens_<t), 0 off-response."""
+
+    tokens_BxT: jax.Array
+    prompt_mask_BxT: jax.Array
+    response_mask_BxT: jax.Array
+    answer_mask_BxT: jax.Array
+    rewards_B: jax.Array
+    old_log_probs_BxT: jax.Array
+    ref_log_probs_BxT: jax.Array | None = None
+    gamma_BxT: jax.Array | None = None
+
+
+def optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(cfg.lr, cfg.b1, cfg.b2, weight_decay=cfg.weight_decay),
+    )
+
+
+def init_state(model: nnx.Module, cfg: StepConfig, rng) -> tuple[nnx.GraphDef, TrainState]:
+    graphdef, params = nnx.split(model, nnx.Param)
+    state = TrainState(
+        params=params,
+        opt_state=optimizer(cfg.optim).init(params),
+        step=jnp.zeros((), jnp.int32),
+        rng=rng,
+        nonfinite_streak=jnp.zeros((), jnp.int32),
+    )
+    return graphdef, state
+
+
+def sequence_log_probs(model, batch: Batch, spec: CaptureSpec):
+    """Per-token log-probs and entropies of the batch's own tokens, and the captured map."""
+    valid_BxT = batch.prompt_mask_BxT | batch.response_mask_BxT
+    out = model(batch.tokens_BxT, valid_BxT=valid_BxT, capture=spec)
+    logp, entropy = rl.token_log_probs(out.logits_BxTxV[:, :-1], batch.tokens_BxT[:, 1:])
+    pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)))  # noqa: E731  (token 0 has no prediction)
+    return pad(logp), pad(entropy), out.attn_BxTxS
+
+
+def credit_weights(batch: Batch, cfg: StepConfig, logp_BxT, entropy_BxT, attn_BxTxT, rng):
+    inputs = credit_lib.CreditInputs(
+        prompt_mask_BxT=batch.prompt_mask_BxT,
+        response_mask_BxT=batch.response_mask_BxT,
+        answer_mask_BxT=batch.answer_mask_BxT,
+        attn_BxTxT=None if attn_BxTxT is None else jax.lax.stop_gradient(attn_BxTxT),
+        log_probs_BxT=jax.lax.stop_gradient(logp_BxT),
+        entropy_BxT=jax.lax.stop_gradient(entropy_BxT),
+        tokens_BxT=batch.tokens_BxT,
+        rng=rng,
+    )
+    return credit_lib.compute(inputs, cfg.credit)
+
+
+def _capture_spec(cfg: StepConfig, batch: Batch) -> CaptureSpec:
+    needs_attn = "attn_BxTxT" in credit_lib.get(cfg.credit.name).needs
+    return cfg.capture if needs_attn and batch.gamma_BxT is None else NONE
+
+
+def _credit_metrics(gamma_BxT, batch: Batch, entropy_BxT):
+    response_BxT = batch.response_mask_BxT
+    count = jnp.maximum(jnp.sum(response_BxT), 1)
+    mean = lambda x: jnp.sum(jnp.where(response_BxT, x, 0.0)) / count  # noqa: E731
+    position_BxT = jnp.cumsum(response_BxT, axis=-1).astype(jnp.float32)
+
+    def corr(x_BxT, y_BxT):
+        xc, yc = x_BxT - mean(x_BxT), y_BxT - mean(y_BxT)
+        return mean(xc * yc) / jnp.sqrt(mean(xc * xc) * mean(yc * yc) + 1e-12)
+
+    has_response_B = jnp.any(response_BxT, -1)
+    no_answer_B = has_response_B & ~jnp.any(batch.answer_mask_BxT & response_BxT, -1)
+    return {
+        "credit/gamma_mean": mean(gamma_BxT),
+        "credit/selected_fraction": mean((gamma_BxT > 1.0).astype(jnp.float32)),
+        "credit/no_answer_fraction": jnp.sum(no_answer_B) / jnp.maximum(jnp.sum(has_response_B), 1),
+        "credit/corr_entropy": corr(gamma_BxT, entropy_BxT),
+        "credit/corr_position": corr(gamma_BxT, position_BxT),
+        "entropy": mean(entropy_BxT),
+    }
+
+
+def train_step(graphdef, state: TrainState, batch: Batch, cfg: StepConfig):
+    """One policy-gradient update; the step is skipped (and counted) if loss or grads are
+    non-finite, so no non-finite value ever enters the state."""
+    rng, credit_rng = jax.random.split(state.rng)
+    spec = _capture_spec(cfg, batch)
+    advantages_B = rl.group_advantages(
+        batch.rewards_B, cfg.group_size, cfg.loss.scale_advantages, cfg.loss.std_eps
+    )
+
+    def loss_fn(params):
+        model = nnx.merge(graphdef, params)
+        logp, entropy, attn = sequence_log_probs(model, batch, spec)
+        gamma = (
+            batch.gamma_BxT
+            if batch.gamma_BxT is not None
+            else credit_weights(batch, cfg, logp, entropy, attn, credit_rng)
+        )
+        loss, metrics = rl.policy_loss(
+            logp,
+            batch.old_log_probs_BxT,
+            advantages_B,
+            gamma,
+            batch.response_mask_BxT,
+            cfg.loss,
+            batch.ref_log_probs_BxT,
+        )
+        return loss, {**metrics, **_credit_metrics(gamma, batch, entropy)}
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = optimizer(cfg.optim).update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    new_state = TrainState(
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        step=state.step + finite.astype(jnp.int32),
+        rng=rng,
+        nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+    )
+    metrics = {
+        **metrics,
+        "grad_norm": grad_norm,
+        "advantage_abs_mean": jnp.mean(jnp.abs(advantages_B)),
+        "reward_mean": jnp.mean(batch.rewards_B),
+        "skipped_nonfinite": 1.0 - finite,
+    }
+    return new_state, metrics
+
+
+def make_train_step(
+    graphdef, state: TrainState, batch: Batch, cfg: StepConfig, mesh: jax.sharding.Mesh
+):
+    """`train_step` jitted once for this mesh: state sharded FSDP-style and donated, batch over
+    (data, fsdp), metrics replicated. Returns (step_fn, state placed on the mesh)."""
+    sharding.check_batch(batch.tokens_BxT.shape[0], mesh)
+    state_shardings = TrainState(
+        params=sharding.tree_shardings(state.params, mesh),
+        opt_state=sharding.tree_shardings(state.opt_state, mesh),
+        step=sharding.replicated(mesh),
+        rng=sharding.replicated(mesh),
+        nonfinite_streak=sharding.replicated(mesh),
+    )
+    batch_shardings = jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch)
+    step_fn = jax.jit(
+        functools.partial(train_step, graphdef, cfg=cfg),
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    return step_fn, jax.device_put(state, state_shardings)
