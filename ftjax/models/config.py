@@ -51,7 +51,9 @@ class ModelConfig:
     rope_local_theta: float | None = None
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on q, k, v
+    output_bias: bool = False  # bias on o_proj (Llama / Qwen3 attention_bias; not Qwen2)
+    mlp_bias: bool = False
     qk_norm: bool = False
     norm_plus_one: bool = False  # Gemma: x * (1 + w)
     sandwich_norm: bool = False  # Gemma3: norms after attention and around the MLP too
@@ -203,7 +205,7 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
             scale_embeddings=True,
             query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", head_dim)),
             final_logit_softcap=hf.get("final_logit_softcapping"),
-            attn_logit_softcap=hf.get("attn_logit_softcapping"),
+            # transformers' Gemma3 stores attn_logit_softcapping but never applies it; nor do we.
         )
     rope = _rope_params(hf)
     if hf.get("use_sliding_window") and hf.get("sliding_window"):
@@ -215,7 +217,11 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
         **common,
         rope_theta=float(rope.get("rope_theta", 10000.0)),
         rope_scaling=_rope_scaling(rope),
-        attention_bias=bool(hf.get("attention_bias", family == "qwen2")),
+        # Qwen2 always has q/k/v biases and no o_proj bias; Llama and Qwen3's attention_bias
+        # switch puts a bias on all four projections.
+        attention_bias=family == "qwen2" or bool(hf.get("attention_bias", False)),
+        output_bias=family != "qwen2" and bool(hf.get("attention_bias", False)),
+        mlp_bias=bool(hf.get("mlp_bias", False)),
         qk_norm=family == "qwen3",
     )
 

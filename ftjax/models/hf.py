@@ -35,15 +35,20 @@ def hf_name(path: tuple) -> tuple[str, bool]:
     return (name if name.startswith("lm_head.") else "model." + name), transposed
 
 
-def _lookup(tensors: Mapping[str, object], name: str):
-    """Find `name` allowing the wrappers multimodal checkpoints put around the text model."""
+def _key(tensors: Mapping[str, object], name: str) -> str:
+    """The checkpoint key of `name`, allowing the wrappers multimodal checkpoints add."""
     bare = name.removeprefix("model.")
     for prefix in _PREFIXES:
         if prefix + bare in tensors:
-            return tensors[prefix + bare]
+            return prefix + bare
     if name in tensors:
-        return tensors[name]
+        return name
     raise ValueError(f"checkpoint is missing weight {name!r}")
+
+
+# Tensors a text-only model legitimately leaves unused: RoPE buffers some exporters save, a tied
+# lm_head copy, and the vision side of multimodal checkpoints.
+_IGNORABLE = ("rotary_emb.inv_freq", "lm_head.weight", "vision_tower.", "multi_modal_projector.")
 
 
 def model_from_tensors(
@@ -60,10 +65,12 @@ def model_from_tensors(
     )
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
-    filled = []
+    filled, used = [], set()
     for path, variable in flat:
         name, transposed = hf_name(path)
-        array = _lookup(tensors, name)
+        key = _key(tensors, name)
+        used.add(key)
+        array = tensors[key]
         array = jnp.asarray(array).T if transposed else jnp.asarray(array)
         expected = tuple(variable.get_value().shape)
         if tuple(array.shape) != expected:
@@ -79,6 +86,12 @@ def model_from_tensors(
                     jax.device_put(array, sharding) if sharding is not None else array
                 ),
             )
+        )
+    unused = sorted(k for k in tensors if k not in used and not any(p in k for p in _IGNORABLE))
+    if unused:
+        raise ValueError(
+            f"checkpoint has {len(unused)} weights the {cfg.family} config does not use (a config "
+            f"switch the model does not honour?): {unused[:5]}"
         )
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 

@@ -16,6 +16,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ftjax import capture as capture_lib
@@ -127,7 +128,7 @@ class Attention(nnx.Module):
         self.q_proj = lin(E, H * D, cfg.attention_bias)
         self.k_proj = lin(E, K * D, cfg.attention_bias)
         self.v_proj = lin(E, K * D, cfg.attention_bias)
-        self.o_proj = lin(H * D, E, False)
+        self.o_proj = lin(H * D, E, cfg.output_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps, cfg.norm_plus_one, param_dtype)
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps, cfg.norm_plus_one, param_dtype)
@@ -211,9 +212,9 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dtype, param_dtype):
         E, F = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = _linear(E, F, False, rngs, dtype, param_dtype)
-        self.up_proj = _linear(E, F, False, rngs, dtype, param_dtype)
-        self.down_proj = _linear(F, E, False, rngs, dtype, param_dtype)
+        self.gate_proj = _linear(E, F, cfg.mlp_bias, rngs, dtype, param_dtype)
+        self.up_proj = _linear(E, F, cfg.mlp_bias, rngs, dtype, param_dtype)
+        self.down_proj = _linear(F, E, cfg.mlp_bias, rngs, dtype, param_dtype)
         self.activation = cfg.activation
 
     def __call__(self, x):
@@ -291,6 +292,7 @@ class Transformer(nnx.Module):
         """Forward pass. Without a cache, positions default to the count of earlier valid tokens
         (left padding gets real positions); with one, tokens fill slots [index, index + T)."""
         cfg = self.cfg
+        _check_tokens(tokens_BxT, cfg.vocab_size)
         tokens_BxT = jnp.asarray(tokens_BxT)
         if tokens_BxT.ndim != 2:
             raise ValueError(f"tokens must have shape (B, T), got {tokens_BxT.shape}")
@@ -298,7 +300,6 @@ class Transformer(nnx.Module):
         valid_BxT = jnp.ones((B, T), bool) if valid_BxT is None else jnp.asarray(valid_BxT, bool)
         if valid_BxT.shape != (B, T):
             raise ValueError(f"valid mask shape {valid_BxT.shape} != tokens shape {(B, T)}")
-        _check_tokens(tokens_BxT, cfg.vocab_size)
         if positions_BxT is None:
             offset_Bx1 = 0 if cache is None else jnp.sum(cache.valid_BxS, -1, keepdims=True)
             positions_BxT = offset_Bx1 + jnp.maximum(jnp.cumsum(valid_BxT, axis=-1) - 1, 0)
@@ -381,10 +382,13 @@ class Transformer(nnx.Module):
 
 
 def _check_tokens(tokens_BxT, vocab_size: int) -> None:
-    if not jnp.issubdtype(tokens_BxT.dtype, jnp.integer):
-        raise ValueError(f"token ids must be integers, got dtype {tokens_BxT.dtype}")
-    if isinstance(tokens_BxT, jax.core.Tracer):
+    """Dtype always; the id range when the tokens are concrete (checked on the host, so a
+    concrete array closed over by a jitted function is checked too)."""
+    if not jnp.issubdtype(jnp.result_type(tokens_BxT), jnp.integer):
+        raise ValueError(f"token ids must be integers, got dtype {jnp.result_type(tokens_BxT)}")
+    if isinstance(tokens_BxT, jax.core.Tracer) or np.size(tokens_BxT) == 0:
         return
-    low, high = int(jnp.min(tokens_BxT)), int(jnp.max(tokens_BxT))
+    host = np.asarray(tokens_BxT)
+    low, high = int(host.min()), int(host.max())
     if low < 0 or high >= vocab_size:
         raise ValueError(f"token ids must be in [0, {vocab_size}), got range [{low}, {high}]")
