@@ -14,7 +14,7 @@ import argparse
 import jax
 from flax import nnx
 
-from benchmarks.common import compiled_bytes, environment_line, median_ms
+from benchmarks.common import compiled_bytes, environment_line, interleaved_median_ms
 from ftjax.capture import NONE, CaptureSpec
 from ftjax.models import config, transformer
 
@@ -54,9 +54,12 @@ def measure(model, batch: int, length: int, repeats: int) -> dict[str, float]:
 
     tokens = jax.random.randint(jax.random.PRNGKey(0), (batch, length), 0, model.cfg.vocab_size)
     plain, captured = forward(NONE), forward(CaptureSpec())
+    plain_ms, capture_ms = interleaved_median_ms(
+        [(plain, (state, tokens)), (captured, (state, tokens))], repeats=repeats
+    )
     return {
-        "plain_ms": median_ms(plain, state, tokens, repeats=repeats),
-        "capture_ms": median_ms(captured, state, tokens, repeats=repeats),
+        "plain_ms": plain_ms,
+        "capture_ms": capture_ms,
         "plain_mb": compiled_bytes(plain, state, tokens) / 2**20,
         "capture_mb": compiled_bytes(captured, state, tokens) / 2**20,
         "map_mb": batch * length * length * 4 / 2**20,

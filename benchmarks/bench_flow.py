@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
-from benchmarks.common import median_ms
+from benchmarks.common import environment_line, interleaved_median_ms
 from ftjax.flow import trace
 
 CPU_SHAPES = ((8, 512), (8, 1024), (2, 4096))
@@ -40,9 +40,10 @@ def bench_shape(B: int, T: int, block_size: int, repeats: int) -> tuple[float, f
     system = jnp.eye(T, dtype=jnp.float32) - jnp.swapaxes(jnp.tril(attn, -1), -1, -2)
     rhs = jnp.ones((B, T, 1), jnp.float32)
     solve_fn = jax.jit(lambda m, r: solve_triangular(m, r, lower=False))
-    return (
-        median_ms(trace_fn, attn, source, sink, repeats=repeats),
-        median_ms(solve_fn, system, rhs, repeats=repeats),
+    return tuple(
+        interleaved_median_ms(
+            [(trace_fn, (attn, source, sink)), (solve_fn, (system, rhs))], repeats=repeats
+        )
     )
 
 
@@ -55,9 +56,9 @@ def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--shapes", type=str, default=None)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
     backend = jax.default_backend()
     shapes = (
@@ -66,8 +67,8 @@ def main() -> None:
         else (CPU_SHAPES + (GPU_SHAPES if backend == "gpu" else ()))
     )
     print(
-        f"jax {jax.__version__}, backend {backend}, device {jax.devices()[0].device_kind}, "
-        f"block_size {args.block_size}"
+        f"{environment_line()}, block_size {args.block_size}, median of {args.repeats} "
+        f"interleaved calls"
     )
     print(f"{'B':>3} {'T':>6} {'trace ms':>10} {'solve ms':>10} {'ratio':>7}")
     for B, T in shapes:

@@ -28,3 +28,17 @@ def compiled_bytes(jitted, *args) -> int:
 def environment_line() -> str:
     device = jax.devices()[0]
     return f"jax {jax.__version__}, backend {jax.default_backend()}, device {device.device_kind}"
+
+
+def interleaved_median_ms(fns_and_args, repeats: int = 10) -> list[float]:
+    """Median wall times (ms) of several calls timed alternately, so that load changes on a shared
+    machine hit all of them alike; each is warmed up (compiled) first."""
+    for fn, args in fns_and_args:
+        jax.block_until_ready(fn(*args))
+    times = [[] for _ in fns_and_args]
+    for _ in range(repeats):
+        for slot, (fn, args) in zip(times, fns_and_args, strict=True):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            slot.append(time.perf_counter() - start)
+    return [1e3 * float(np.median(slot)) for slot in times]

@@ -70,7 +70,7 @@ class CreditConfig:
     gamma: float = 1.5
     select_fraction: float = 0.2
     attention_window: int | None = None
-    block_size: int = 128
+    block_size: int = 64
 
     def __post_init__(self):
         get(self.name)

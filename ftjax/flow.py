@@ -137,8 +137,10 @@ def _split(shift, total):
 
 
 def _exponent(w):
-    """The binary exponent e of w > 0 (w in [2^(e-1), 2^e)); used to pick shifts."""
-    return jnp.frexp(w)[1].astype(jnp.float32)
+    """The binary exponent e of w > 0 (w in [2^(e-1), 2^e)), read from the float32 bits; used
+    only to pick shifts (denormals, which XLA flushes anyway, count as 2^-126)."""
+    bits = jax.lax.bitcast_convert_type(w.astype(jnp.float32), jnp.int32)
+    return ((bits >> 23) & 0xFF).astype(jnp.float32) - 126.0
 
 
 def _weighted_sum(w, exp_, man, axis: int):
@@ -147,11 +149,12 @@ def _weighted_sum(w, exp_, man, axis: int):
     The shift is the largest exp_j plus the binary exponent of w_j, so every term is below 1 and
     scaled by an exact power of two: the only rounding is float32's in w * man and in the sum.
     """
-    live = (w > 0) & jnp.isfinite(exp_)
-    safe_exp = jnp.where(live, exp_, 0.0)
-    top = jnp.max(jnp.where(live, safe_exp + _exponent(w), NEG_INF), axis=axis, keepdims=True)
+    finite = jnp.isfinite(exp_)
+    safe_exp, safe_man = jnp.where(finite, exp_, 0.0), jnp.where(finite, man, 0.0)
+    candidates = jnp.where((w > 0) & finite, safe_exp + _exponent(w), NEG_INF)
+    top = jnp.max(candidates, axis=axis, keepdims=True)
     shift = jnp.where(jnp.isfinite(top), top, 0.0)
-    terms = jnp.where(live, w * man * _pow2(safe_exp - shift), 0.0)
+    terms = w * safe_man * _pow2(safe_exp - shift)  # 0 where w = 0 or h = 0
     return _split(jnp.squeeze(top, axis), jnp.sum(terms, axis=axis))
 
 
@@ -325,7 +328,7 @@ def _flow(attn_BxTxT, w_NxBxSxS, h_exp_BxT, h_man_BxT, injection_BxT, pushes_BxT
     return _from_blocks(f_NxBxS)
 
 
-def trace(attn_BxTxT, source_BxT, sink_BxT, valid_BxT=None, *, block_size: int = 128) -> FlowTrace:
+def trace(attn_BxTxT, source_BxT, sink_BxT, valid_BxT=None, *, block_size: int = 64) -> FlowTrace:
     """FlowTracer's answer-conditioned flow from the question (source) to the answer (sink).
 
     Graph: edge i -> k with capacity W[i,k] = attn[b,k,i] for i < k, both valid; answer tokens are

@@ -428,3 +428,24 @@ def test_checkpoint_directory_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(hf_config_dict()))
     with pytest.raises(ValueError, match="model.safetensors"):
         load_checkpoint(tmp_path)
+
+
+def test_checkpoint_loads_directly_onto_a_mesh_sharding():
+    from ftjax import sharding
+
+    cfg = tiny("qwen3")
+    source = Transformer(cfg, rngs=nnx.Rngs(5))
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=4))
+
+    def place(name, shape):
+        return jax.sharding.NamedSharding(mesh, sharding.param_spec(shape, 4))
+
+    loaded = model_from_tensors(cfg, to_hf_tensors(source), sharding_fn=place)
+    for leaf in jax.tree.leaves(nnx.state(loaded, nnx.Param)):
+        assert leaf.sharding.mesh.shape == mesh.shape
+        assert leaf.sharding.spec == sharding.param_spec(leaf.shape, 4)
+    assert any(leaf.sharding.spec != jax.sharding.PartitionSpec()
+               for leaf in jax.tree.leaves(nnx.state(loaded, nnx.Param)))
+    tokens = np.arange(12, dtype=np.int32).reshape(2, 6)
+    np.testing.assert_allclose(np.asarray(loaded(tokens).logits_BxTxV),
+                               np.asarray(source(tokens).logits_BxTxV), atol=1e-5)

@@ -23,7 +23,7 @@ from ftjax import capture as capture_lib
 from ftjax.models.config import SLIDING, ModelConfig, RopeScaling
 
 _MASKED = -1e30  # finite, so fully masked (padding) query rows give no NaN
-_QUERY_CHUNK = 256  # captured layers materialise B x H x 256 x S probabilities at a time
+_QUERY_CHUNK = 128  # captured layers materialise B x H x 128 x S probabilities at a time
 
 
 @jax.tree_util.register_dataclass
