@@ -449,3 +449,20 @@ def test_checkpoint_loads_directly_onto_a_mesh_sharding():
     tokens = np.arange(12, dtype=np.int32).reshape(2, 6)
     np.testing.assert_allclose(np.asarray(loaded(tokens).logits_BxTxV),
                                np.asarray(source(tokens).logits_BxTxV), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_chunked_capture_equals_full_probabilities(family):
+    """Sequences longer than the query chunk (here 300 = 2 x 128 + 44) take the chunked path."""
+    cfg = tiny(family, max_position_embeddings=512)
+    model = Transformer(cfg, rngs=nnx.Rngs(2))
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 300)).astype(np.int32)
+    valid = np.ones((2, 300), bool)
+    valid[1, :37] = False  # left padding
+    spec = CaptureSpec(mode="layers", layers=tuple(range(cfg.num_layers)), per_layer=True)
+    chunked = model(tokens, valid_BxT=valid, capture=spec)
+    full = model(tokens, valid_BxT=valid, debug_probs=True)
+    want = np.asarray(full.head_probs_LxBxHxTxS).mean(axis=2) * valid[None, :, :, None]
+    np.testing.assert_allclose(np.asarray(chunked.layer_attn_LxBxTxS), want, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(chunked.logits_BxTxV), np.asarray(full.logits_BxTxV),
+                               atol=1e-5)

@@ -107,3 +107,18 @@ def test_prompt_longer_than_context_is_rejected():
     with pytest.raises(ValueError, match="shape|\\(B, P\\)"):
         sampling.generate(model, PROMPT, VALID[:, :3], jax.random.PRNGKey(0),
                           sampling.SamplingConfig(max_new_tokens=2))
+
+
+def test_batch_sharded_prompts_give_the_same_rollout(model):
+    from ftjax import sharding
+
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=1))
+    cfg = sampling.SamplingConfig(max_new_tokens=5, temperature=0.0)
+    prompt, valid = np.concatenate([PROMPT, PROMPT[:1]]), np.concatenate([VALID, VALID[:1]])
+    placed = [jax.device_put(x, sharding.batch_sharding(mesh)) for x in (prompt, valid)]
+    sharded = sampling.generate(model, *placed, jax.random.PRNGKey(0), cfg)
+    plain = sampling.generate(model, prompt, valid, jax.random.PRNGKey(0), cfg)
+    np.testing.assert_array_equal(np.asarray(sharded.tokens_BxN), np.asarray(plain.tokens_BxN))
+    np.testing.assert_allclose(np.asarray(sharded.log_probs_BxN),
+                               np.asarray(plain.log_probs_BxN), atol=1e-5)
+    assert sharded.tokens_BxN.sharding.spec[0] is not None  # stays split over the batch

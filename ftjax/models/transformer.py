@@ -198,15 +198,15 @@ class Attention(nnx.Module):
 
         B, T = mask_BxTxS.shape[:2]
         C = _QUERY_CHUNK
-        if T <= C or T % C:
+        if T <= C:
             return chunk(q_BxTxKxGxD, mask_BxTxS)
-        q_NxBxCxKxGxD = jnp.swapaxes(
-            q_BxTxKxGxD.reshape(B, T // C, C, *q_BxTxKxGxD.shape[2:]), 0, 1
+        # Unrolled, not lax.map: XLA does not share a while loop's temporaries with the rest of the
+        # program, so a loop per captured layer would add its chunk buffers to the peak.
+        outs, means = zip(
+            *(chunk(q_BxTxKxGxD[:, i : i + C], mask_BxTxS[:, i : i + C]) for i in range(0, T, C)),
+            strict=True,
         )
-        mask_NxBxCxS = jnp.swapaxes(mask_BxTxS.reshape(B, T // C, C, -1), 0, 1)
-        out_N, mean_N = jax.lax.map(lambda xs: chunk(*xs), (q_NxBxCxKxGxD, mask_NxBxCxS))
-        out_BxTxKxGxD = jnp.swapaxes(out_N, 0, 1).reshape(B, T, *out_N.shape[3:])
-        return out_BxTxKxGxD, jnp.swapaxes(mean_N, 0, 1).reshape(B, T, -1)
+        return jnp.concatenate(outs, axis=1), jnp.concatenate(means, axis=1)
 
 
 class MLP(nnx.Module):
@@ -351,6 +351,12 @@ class Transformer(nnx.Module):
                 attn_sum_BxTxS = (
                     head_mean_BxTxS if attn_sum_BxTxS is None else attn_sum_BxTxS + head_mean_BxTxS
                 )
+                if not capture.per_layer:
+                    # Fold this layer's map in before the next layer runs: left to itself XLA may
+                    # keep every captured layer's B x T x T map alive until the end.
+                    x_BxTxE, attn_sum_BxTxS = jax.lax.optimization_barrier(
+                        (x_BxTxE, attn_sum_BxTxS)
+                    )
                 if capture.per_layer:
                     layer_maps.append(head_mean_BxTxS)
         x_BxTxE = self.norm(x_BxTxE)
