@@ -14,25 +14,18 @@ import argparse
 import jax
 from flax import nnx
 
-from benchmarks.common import compiled_bytes, environment_line, interleaved_median_ms
+from benchmarks.common import (
+    compiled_bytes,
+    environment_line,
+    interleaved_median_ms,
+    small_llama_config,
+)
 from ftjax.capture import NONE, CaptureSpec
 from ftjax.models import config, transformer
 
 
 def small_model(max_len: int) -> transformer.Transformer:
-    """The CPU experiments' scale: 8 layers, hidden 256, 8 heads (4 KV), vocab 512."""
-    cfg = config.tiny(
-        "llama",
-        vocab_size=512,
-        hidden_size=256,
-        intermediate_size=768,
-        num_layers=8,
-        num_heads=8,
-        num_kv_heads=4,
-        head_dim=32,
-        max_position_embeddings=max_len,
-    )
-    return transformer.Transformer(cfg, rngs=nnx.Rngs(0))
+    return transformer.Transformer(small_llama_config(max_len), rngs=nnx.Rngs(0))
 
 
 def gemma_model() -> transformer.Transformer:

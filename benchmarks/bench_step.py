@@ -15,23 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.common import compiled_bytes, environment_line, median_ms
+from benchmarks.common import compiled_bytes, environment_line, median_ms, small_llama_config
 from ftjax import credit, sharding, train
-from ftjax.models import config, transformer
-
-
-def small_config(max_len: int) -> config.ModelConfig:
-    return config.tiny(
-        "llama",
-        vocab_size=512,
-        hidden_size=256,
-        intermediate_size=768,
-        num_layers=8,
-        num_heads=8,
-        num_kv_heads=4,
-        head_dim=32,
-        max_position_embeddings=max_len,
-    )
+from ftjax.models import transformer
 
 
 def make_batch(batch: int, length: int, vocab: int) -> train.Batch:
@@ -50,7 +36,7 @@ def make_batch(batch: int, length: int, vocab: int) -> train.Batch:
 
 def measure(credit_name: str, batch: train.Batch, max_len: int, repeats: int):
     cfg = train.StepConfig(group_size=4, credit=credit.CreditConfig(name=credit_name))
-    model = transformer.Transformer(small_config(max_len), rngs=nnx.Rngs(0))
+    model = transformer.Transformer(small_llama_config(max_len), rngs=nnx.Rngs(0))
     graphdef, state = train.init_state(model, cfg, jax.random.PRNGKey(0))
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=1), jax.devices()[:1])
     step_fn, state = train.make_train_step(graphdef, state, batch, cfg, mesh)

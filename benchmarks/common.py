@@ -7,6 +7,8 @@ import time
 import jax
 import numpy as np
 
+from ftjax.models import config
+
 
 def median_ms(fn, *args, repeats: int = 10) -> float:
     """Median wall time in ms of `fn(*args)` after one warm-up (compile) call."""
@@ -42,3 +44,18 @@ def interleaved_median_ms(fns_and_args, repeats: int = 10) -> list[float]:
             jax.block_until_ready(fn(*args))
             slot.append(time.perf_counter() - start)
     return [1e3 * float(np.median(slot)) for slot in times]
+
+
+def small_llama_config(max_len: int) -> config.ModelConfig:
+    """The CPU benchmarks' model: Llama family, 8 layers, hidden 256, 8 heads (4 KV), vocab 512."""
+    return config.tiny(
+        "llama",
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=768,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=32,
+        max_position_embeddings=max_len,
+    )
