@@ -1,0 +1,100 @@
+"""Checkpoints: exact round trip, keep-N, refusal of non-finite state, SIGKILL mid-write."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ftjax import train
+from ftjax.checkpoint import Checkpointer
+from ftjax.models import config, transformer
+
+
+def make_state(seed=0):
+    model = transformer.Transformer(config.tiny("llama"), rngs=nnx.Rngs(seed))
+    return train.init_state(model, train.StepConfig(), jax.random.PRNGKey(seed))[1]
+
+
+def leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_round_trip_is_exact_and_keeps_n(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep=2)
+    states = {step: make_state(step) for step in (1, 2, 3)}
+    for step, state in states.items():
+        ckpt.save(step, state, {"data_position": 10 * step, "metric_step": step})
+    assert ckpt.all_steps() == [2, 3] and ckpt.latest_step() == 3
+    restored, meta = ckpt.restore(make_state(9))
+    assert meta == {"data_position": 30, "metric_step": 3}
+    assert isinstance(restored, train.TrainState)
+    for got, want in zip(leaves(restored), leaves(states[3]), strict=True):
+        np.testing.assert_array_equal(got, want)
+    older, meta = ckpt.restore(make_state(9), step=2)
+    assert meta["data_position"] == 20
+    np.testing.assert_array_equal(leaves(older)[0], leaves(states[2])[0])
+    with pytest.raises(ValueError, match="step 1"):
+        ckpt.restore(make_state(9), step=1)
+
+
+def test_empty_directory_and_bad_keep(tmp_path):
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        Checkpointer(tmp_path / "none").restore(make_state())
+    with pytest.raises(ValueError, match="keep"):
+        Checkpointer(tmp_path, keep=0)
+
+
+def test_non_finite_state_is_never_saved(tmp_path):
+    state = make_state()
+    bad = jax.tree.map(lambda x: x, state)
+    bad = train.TrainState(params=jax.tree.map(lambda x: x.at[..., 0].set(jnp.nan)
+                                               if x.ndim else x, bad.params),
+                           opt_state=bad.opt_state, step=bad.step, rng=bad.rng,
+                           nonfinite_streak=bad.nonfinite_streak)
+    ckpt = Checkpointer(tmp_path)
+    with pytest.raises(ValueError, match="non-finite"):
+        ckpt.save(1, bad, {})
+    assert ckpt.latest_step() is None
+
+
+CHILD = textwrap.dedent("""
+    import sys, numpy as np, jax.numpy as jnp
+    from ftjax.checkpoint import Checkpointer
+    ckpt = Checkpointer(sys.argv[1])
+    ckpt.save(1, {"w": jnp.ones((4,))}, {"step": 1})
+    print("saved-1", flush=True)
+    ckpt.save(2, {"w": jnp.ones((4,)), "big": jnp.ones((96, 1024, 1024))}, {"step": 2})
+    print("saved-2", flush=True)
+""")
+
+
+def test_sigkill_during_write_leaves_previous_checkpoint_loadable(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], stdout=subprocess.PIPE,
+                             text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert child.stdout.readline().strip() == "saved-1"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill once the second write's temporary directory exists
+        partial = [p.name for p in pathlib.Path(tmp_path).iterdir()
+                   if p.name.startswith("2") and "tmp" in p.name]
+        if partial:
+            break
+        time.sleep(0.005)
+    else:
+        child.kill()
+        pytest.fail("the second checkpoint write never started")
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    ckpt = Checkpointer(tmp_path)
+    assert ckpt.latest_step() == 1
+    state, meta = ckpt.restore({"w": jnp.zeros((4,))})
+    assert meta == {"step": 1}
+    np.testing.assert_array_equal(np.asarray(state["w"]), np.ones(4))
