@@ -1,0 +1,48 @@
+"""Command-line overrides of the frozen configs."""
+
+import dataclasses
+
+import pytest
+
+from ftjax import overrides, sharding, train
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    step: train.StepConfig = train.StepConfig()
+    mesh: sharding.MeshConfig = sharding.MeshConfig()
+    name: str = "run"
+    steps: int = 10
+    eval_every: int | None = None
+    seeds: tuple[int, ...] = (0,)
+    resume: bool = True
+
+
+def test_overrides_reach_nested_fields_with_their_types():
+    cfg = overrides.apply(Run(), ["--step.credit.name", "uniform", "--step.optim.lr=3e-6",
+                                  "--mesh.fsdp", "4", "--steps", "7", "--eval_every", "none",
+                                  "--seeds", "1,2,3", "--resume", "false",
+                                  "--step.loss.aggregation", "seq-mean-token-mean"])
+    assert cfg.step.credit.name == "uniform" and cfg.step.optim.lr == 3e-6
+    assert cfg.mesh == sharding.MeshConfig(data=-1, fsdp=4)
+    assert (cfg.steps, cfg.eval_every, cfg.seeds, cfg.resume) == (7, None, (1, 2, 3), False)
+    assert cfg.step.loss.aggregation == "seq-mean-token-mean"
+    assert Run().step.credit.name == "flowtracer"  # the default is untouched
+    assert overrides.apply(Run(), ["--eval_every", "5"]).eval_every == 5
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--step.credit.nme", "uniform"], "unknown config key --step.credit.nme"),
+    (["--nope", "1"], "unknown config key --nope"),
+    (["--steps", "ten"], "cannot parse 'ten' as int"),
+    (["--resume", "maybe"], "cannot parse"),
+    (["--step.credit", "uniform"], "is a group"),
+    (["--steps"], "needs a value"),
+    (["steps", "3"], "expected --key value"),
+    (["--step.credit.name", "nope"], "unknown credit variant 'nope'"),
+    (["--step.optim.lr", "-1"], "lr must be > 0"),
+    (["--steps.x", "1"], "unknown config key --steps.x"),
+])
+def test_bad_overrides_are_rejected_with_the_key(argv, message):
+    with pytest.raises(ValueError, match=message):
+        overrides.apply(Run(), argv)
