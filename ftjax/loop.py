@@ -1,0 +1,154 @@
+"""The RL loop: prompts -> rollouts -> rewards and answer spans -> train steps, resumable exactly.
+
+Dims: P prompts per step, G responses per prompt, B = P * G, L prompt slots, N new tokens.
+
+Everything a step consumes is a pure function of (config, step index, train state): the task's
+prompts for step s are `task.prompts(s * P, P)` and the sampling key is `fold_in(seed, s)`. So a
+run resumed from the checkpoint after step s reproduces the uninterrupted run's metrics exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ftjax import sampling, sharding, train
+from ftjax.checkpoint import Checkpointer
+from ftjax.logging import MetricsLogger
+
+
+class Task(Protocol):
+    """A prompt source and a verifier, both deterministic."""
+
+    def prompts(self, start: int, count: int) -> list[list[int]]:
+        """Token ids of prompts start, ..., start + count - 1 of the task's stream."""
+
+    def score(self, prompt: list[int], response: list[int]) -> tuple[float, list[bool]]:
+        """Reward of `response` and its answer span (a mask over the response tokens)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    steps: int = 100
+    prompts_per_step: int = 8
+    prompt_len: int = 32  # prompt slots; shorter prompts are left-padded
+    sampling: sampling.SamplingConfig = sampling.SamplingConfig()
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    seed: int = 0
+    mesh: sharding.MeshConfig = sharding.MeshConfig()
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("steps", "prompts_per_step", "prompt_len", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"LoopConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+def left_pad(prompts: list[list[int]], slots: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    long = [i for i, p in enumerate(prompts) if len(p) > slots]
+    if long:
+        raise ValueError(
+            f"prompt {long[0]} has {len(prompts[long[0]])} tokens, over the {slots} prompt slots"
+        )
+    tokens = np.full((len(prompts), slots), pad_id, np.int32)
+    valid = np.zeros((len(prompts), slots), bool)
+    for row, prompt in enumerate(prompts):
+        if prompt:
+            tokens[row, slots - len(prompt) :] = prompt
+            valid[row, slots - len(prompt) :] = True
+    return tokens, valid
+
+
+def rollout_batch(
+    task: Task, prompts, rollout: sampling.Rollout, prompt_BxL, prompt_valid_BxL, group_size: int
+) -> train.Batch:
+    """Rewards, answer spans and masks for one rollout, laid out as prompt slots + response."""
+    tokens_BxN = np.asarray(rollout.tokens_BxN)
+    lengths_B = np.asarray(rollout.lengths_B)
+    B, N = tokens_BxN.shape
+    response_BxN = np.arange(N)[None, :] < lengths_B[:, None]
+    answer_BxN = np.zeros((B, N), bool)
+    rewards_B = np.zeros(B, np.float32)
+    for b in range(B):
+        response = tokens_BxN[b, : lengths_B[b]].tolist()
+        reward, span = task.score(prompts[b // group_size], response)
+        if len(span) != len(response):
+            raise ValueError(
+                f"task answer span has {len(span)} entries for a response of {len(response)} tokens"
+            )
+        rewards_B[b] = reward
+        answer_BxN[b, : len(span)] = span
+    pad = np.zeros_like(prompt_valid_BxL)
+    return train.Batch(
+        tokens_BxT=jnp.asarray(np.concatenate([prompt_BxL, tokens_BxN], axis=1)),
+        prompt_mask_BxT=jnp.asarray(
+            np.concatenate([prompt_valid_BxL, np.zeros_like(response_BxN)], axis=1)
+        ),
+        response_mask_BxT=jnp.asarray(np.concatenate([pad, response_BxN], axis=1)),
+        answer_mask_BxT=jnp.asarray(np.concatenate([pad, answer_BxN], axis=1)),
+        rewards_B=jnp.asarray(rewards_B),
+        old_log_probs_BxT=jnp.asarray(
+            np.concatenate(
+                [np.zeros(prompt_BxL.shape, np.float32), np.asarray(rollout.log_probs_BxN)], 1
+            )
+        ),
+    )
+
+
+def run(
+    model: nnx.Module,
+    task: Task,
+    step_cfg: train.StepConfig,
+    cfg: LoopConfig,
+    run_dir: str | pathlib.Path,
+) -> dict[int, dict[str, float]]:
+    """Train `model` on `task` for `cfg.steps` steps, resuming from `run_dir` if it has a
+    checkpoint. Returns the metrics of the steps run now (step -> scalars)."""
+    run_dir = pathlib.Path(run_dir)
+    G, P = step_cfg.group_size, cfg.prompts_per_step
+    graphdef, state = train.init_state(model, step_cfg, jax.random.PRNGKey(cfg.seed))
+    checkpoints = Checkpointer(run_dir / "checkpoints", keep=cfg.keep_checkpoints)
+    start = 0
+    if checkpoints.latest_step() is not None:
+        state, meta = checkpoints.restore(state)
+        start = int(meta["step"])
+    mesh = sharding.make_mesh(cfg.mesh)
+    sample_key = jax.random.PRNGKey(cfg.seed + 1)
+    logger = MetricsLogger(
+        run_dir, total_steps=cfg.steps, initial_step=start, progress=cfg.progress
+    )
+    history, step_fn = {}, None
+    try:
+        for step in range(start, cfg.steps):
+            prompts = task.prompts(step * P, P)
+            prompt_PxL, valid_PxL = left_pad(prompts, cfg.prompt_len, cfg.sampling.pad_id)
+            prompt_BxL, valid_BxL = np.repeat(prompt_PxL, G, 0), np.repeat(valid_PxL, G, 0)
+            policy = nnx.merge(graphdef, state.params)
+            rollout = sampling.generate(
+                policy, prompt_BxL, valid_BxL, jax.random.fold_in(sample_key, step), cfg.sampling
+            )
+            batch = rollout_batch(task, prompts, rollout, prompt_BxL, valid_BxL, G)
+            if step_fn is None:
+                step_fn, state = train.make_train_step(graphdef, state, batch, step_cfg, mesh)
+            state, metrics = step_fn(state, batch)
+            history[step] = logger.log(
+                step, {**metrics, "response_length": float(np.mean(np.asarray(rollout.lengths_B)))}
+            )
+            if int(state.nonfinite_streak) >= step_cfg.optim.max_nonfinite_steps:
+                raise RuntimeError(
+                    f"{int(state.nonfinite_streak)} non-finite steps in a row at "
+                    f"step {step}; last checkpoint is intact in {run_dir}"
+                )
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                checkpoints.save(step + 1, state, {"step": step + 1})
+    finally:
+        logger.close()
+        checkpoints.close()
+    return history
