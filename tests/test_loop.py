@@ -58,3 +58,53 @@ def test_prompt_longer_than_its_slots_is_rejected():
         loop.left_pad([[1, 2], [1, 2, 3, 4]], 3, 0)
     with pytest.raises(ValueError):
         loop.LoopConfig(steps=0)
+
+
+class StallingEchoTask(EchoTask):
+    """EchoTask that hangs before producing step 2's prompts: the test SIGKILLs it there."""
+
+    def prompts(self, start, count):
+        if start >= 2 * count:
+            import time
+
+            time.sleep(600)
+        return super().prompts(start, count)
+
+
+CHILD = """
+import sys
+from tests.test_loop import STEP, StallingEchoTask, fresh_model, loop_cfg
+from ftjax import loop
+loop.run(fresh_model(), StallingEchoTask(), STEP, loop_cfg(4), sys.argv[1])
+"""
+
+
+def test_sigkilled_run_resumes_to_the_same_metrics(tmp_path):
+    import os
+    import pathlib
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "killed"
+    root = pathlib.Path(__file__).resolve().parents[1]
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(run_dir)], cwd=root,
+                             env={**os.environ, "PYTHONPATH": str(root)})
+    checkpoint = run_dir / "checkpoints" / "2"
+    deadline = time.time() + 300
+    while not (checkpoint.is_dir() and child.poll() is None and any(checkpoint.iterdir())):
+        if time.time() > deadline or child.poll() is not None:
+            child.kill()
+            pytest.fail("the child never wrote checkpoint 2 (or exited)")
+        time.sleep(0.2)
+    time.sleep(1.0)  # it is now stalled inside step 2's prompts, after the checkpoint
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    resumed = loop.run(fresh_model(), EchoTask(), STEP, loop_cfg(4), run_dir)
+    full = loop.run(fresh_model(), EchoTask(), STEP, loop_cfg(4), tmp_path / "full")
+    assert sorted(resumed) == [2, 3]
+    for step in (2, 3):
+        assert resumed[step] == full[step], step
+    logged = read_jsonl(run_dir / "metrics.jsonl")
+    assert sorted(logged) == [0, 1, 2, 3] and logged[3] == full[3]
