@@ -76,3 +76,12 @@ def check_batch(batch_size: int, mesh: jax.sharding.Mesh) -> None:
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def global_batch(local_tree, mesh: jax.sharding.Mesh):
+    """Assemble a batch from each process's own rows (multi-host: every process loads only its
+    slice, in process order) into global arrays sharded over (data, fsdp). Single-process, the
+    local rows are the whole batch."""
+    spec = batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(spec, np.asarray(x)),
+                        local_tree)
