@@ -108,3 +108,19 @@ def test_sigkilled_run_resumes_to_the_same_metrics(tmp_path):
         assert resumed[step] == full[step], step
     logged = read_jsonl(run_dir / "metrics.jsonl")
     assert sorted(logged) == [0, 1, 2, 3] and logged[3] == full[3]
+
+
+class NanRewardTask(EchoTask):
+    def score(self, prompt, response):
+        reward, span = super().score(prompt, response)
+        return float("nan"), span
+
+
+def test_non_finite_streak_stops_the_run_and_keeps_no_bad_state(tmp_path):
+    step_cfg = train.StepConfig(group_size=4, credit=credit.CreditConfig(name="uniform"),
+                                optim=train.OptimConfig(lr=1e-3, max_nonfinite_steps=2))
+    with pytest.raises(RuntimeError, match="2 non-finite steps in a row at step 1"):
+        loop.run(fresh_model(), NanRewardTask(), step_cfg, loop_cfg(4), tmp_path)
+    logged = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [logged[s]["skipped_nonfinite"] for s in (0, 1)] == [1.0, 1.0]
+    assert not (tmp_path / "checkpoints" / "2").exists()  # it stopped before checkpointing
