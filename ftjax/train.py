@@ -195,6 +195,18 @@ def train_step(graphdef, state: TrainState, batch: Batch, cfg: StepConfig):
     return new_state, metrics
 
 
+def prepare(graphdef, state: TrainState, batch: Batch, cfg: StepConfig) -> Batch:
+    """Old log-probs and credit from the pre-update policy, computed once per rollout batch, for
+    several optimisation epochs over it (each epoch then passes this batch to `train_step`)."""
+    model = nnx.merge(graphdef, state.params)
+    logp, entropy, attn = sequence_log_probs(model, batch, _capture_spec(cfg, batch))
+    credit_rng = jax.random.split(state.rng)[1]  # the key the fused step would use
+    gamma = credit_weights(batch, cfg, logp, entropy, attn, credit_rng)
+    return dataclasses.replace(
+        batch, old_log_probs_BxT=jnp.where(batch.response_mask_BxT, logp, 0.0), gamma_BxT=gamma
+    )
+
+
 def make_train_step(
     graphdef, state: TrainState, batch: Batch, cfg: StepConfig, mesh: jax.sharding.Mesh
 ):
