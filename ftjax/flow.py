@@ -48,7 +48,7 @@ class FlowTrace:
     injection_BxT: super-source mass s, 1/n on each of the n sources that reach the answer.
     sink_BxT, valid_BxT: the effective answer and non-padding masks the trace used.
     exact_blocks: (scalar) how many diagonal blocks of the backward pass needed the row-by-row
-        split-log solve because one float32 scale could not hold them (diagnostic only).
+        extended-exponent solve because one float32 scale could not hold them (diagnostic only).
     """
 
     log_reach_BxT: jax.Array
@@ -191,7 +191,7 @@ def _diagonal_blocks(x_BxTxT, S: int):
 
 
 def _block_reach_exact(base_exp_BxS, base_man_BxS, w_BxSxS):
-    """Solve one diagonal block row by row in split-log space: exact at any dynamic range."""
+    """Solve one diagonal block row by row with a per-token exponent: exact at any dynamic range."""
     B, S = base_exp_BxS.shape
 
     def row(j, h):
@@ -233,13 +233,13 @@ def _block_reach_fast(base_exp_BxS, base_man_BxS, w_BxSxS):
 
 
 def _reach(attn_BxTxT, w_NxBxSxS, sink_BxT, emits_BxT, S: int):
-    """Backward pass: h = 1 on the sink, h(i) = sum_{k>i} W[i,k] h(k) elsewhere; split log h.
+    """Backward pass: h = 1 on the sink, h(i) = sum_{k>i} W[i,k] h(k) elsewhere.
 
-    The carry holds, for every key, log of the part of its sum that comes from finished blocks;
+    The carry holds, for every key, the part of its sum that comes from finished blocks;
     a finished block pushes to all earlier keys through its row strip of attn. A diagonal block
     is solved by one float32 triangular solve when that is exact to float32 (typical attention),
-    else row by row in split-log space (extreme decay, attention sinks).
-    Returns the split log h and the number of blocks that needed the row-by-row path.
+    else row by row with a per-token exponent (extreme decay, attention sinks).
+    Returns h as (exponent, mantissa) and the number of blocks that needed the row-by-row path.
     """
     B, T = sink_BxT.shape
     key_pos_T = jnp.arange(T)

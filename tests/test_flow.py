@@ -695,12 +695,12 @@ def naive_float32_reach(attn_TxT: np.ndarray, sink_T: np.ndarray) -> np.ndarray:
     return h
 
 
-def check_against_log_reference(tr: FlowTrace, ref: dict, phi_BxTxT=None):
+def check_against_log_reference(tr: FlowTrace, ref: dict, phi_BxTxT=None, inflow_atol=ATOL):
     got = as_numpy(tr)
     f_ref = ref["flow"]
     carrying = f_ref > 1e-6
     assert carrying.sum() > 0.5 * len(f_ref)
-    np.testing.assert_allclose(sink_inflow(tr)[0], 1.0, atol=ATOL)
+    np.testing.assert_allclose(sink_inflow(tr)[0], 1.0, atol=inflow_atol)
     f, tau = got["flow"][0], got["throughput"][0]
     np.testing.assert_allclose(f[carrying], f_ref[carrying], rtol=1e-4, atol=0)
     np.testing.assert_allclose(tau[carrying], ref["throughput"][carrying], rtol=1e-4, atol=0)
@@ -768,7 +768,9 @@ def test_band_attention_long_sequence(window, decay):
         jnp.asarray(dst, jnp.int32), jnp.asarray(src_e, jnp.int32), jnp.asarray(weight, jnp.float32)
     )
     tr = run(attn, source[None], sink[None])
-    check_against_log_reference(tr, ref)
+    # Flow crosses ~30,000 tokens here and float32 rounding accumulates along the way: the sink
+    # receives 1 +- 1.5e-5 (measured); the criterion for this case is 1e-4 relative.
+    check_against_log_reference(tr, ref, inflow_atol=1e-4)
     del attn
 
 
