@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import time
 from typing import Protocol
 
 import jax
@@ -114,6 +115,8 @@ def run(
     run_dir = pathlib.Path(run_dir)
     G, P = step_cfg.group_size, cfg.prompts_per_step
     graphdef, state = train.init_state(model, step_cfg, jax.random.PRNGKey(cfg.seed))
+    # The jitted step donates its state; copy so the caller's `model` stays usable afterwards.
+    state = dataclasses.replace(state, params=jax.tree.map(jnp.copy, state.params))
     checkpoints = Checkpointer(run_dir / "checkpoints", keep=cfg.keep_checkpoints)
     start = 0
     if checkpoints.latest_step() is not None:
@@ -127,6 +130,7 @@ def run(
     history, step_fn = {}, None
     try:
         for step in range(start, cfg.steps):
+            started = time.perf_counter()
             prompts = task.prompts(step * P, P)
             prompt_PxL, valid_PxL = left_pad(prompts, cfg.prompt_len, cfg.sampling.pad_id)
             prompt_BxL, valid_BxL = np.repeat(prompt_PxL, G, 0), np.repeat(valid_PxL, G, 0)
@@ -135,11 +139,22 @@ def run(
                 policy, prompt_BxL, valid_BxL, jax.random.fold_in(sample_key, step), cfg.sampling
             )
             batch = rollout_batch(task, prompts, rollout, prompt_BxL, valid_BxL, G)
+            rolled = time.perf_counter()
             if step_fn is None:
                 step_fn, state = train.make_train_step(graphdef, state, batch, step_cfg, mesh)
             state, metrics = step_fn(state, batch)
+            metrics = jax.device_get(metrics)  # waits for the step: the timing below is honest
+            timing = {
+                "time/rollout_s": rolled - started,
+                "time/step_s": time.perf_counter() - rolled,
+            }
             history[step] = logger.log(
-                step, {**metrics, "response_length": float(np.mean(np.asarray(rollout.lengths_B)))}
+                step,
+                {
+                    **metrics,
+                    "response_length": float(np.mean(np.asarray(rollout.lengths_B))),
+                    **timing,
+                },
             )
             if int(state.nonfinite_streak) >= step_cfg.optim.max_nonfinite_steps:
                 raise RuntimeError(

@@ -1,0 +1,231 @@
+"""Every built-in credit variant x both tasks x several seeds, same compute per run.
+
+    python -m experiments.credit_suite [--seeds 5] [--tasks chain,countdown] [--rl_steps 40]
+
+Per (task, seed): one supervised warm-up (shared by all variants, so every variant starts from the
+same policy), then one RL run per credit variant with the same prompts, rollout budget and
+optimiser. Reported per (task, variant), mean +/- standard error over seeds:
+- final accuracy: greedy, on held-out prompts, after RL;
+- steps to target: the first step whose 5-step running mean of the rollout reward reaches
+  --target.<task> (runs that never reach it count as --rl_steps + 1, and are counted);
+- credit precision@40% (chain task): of the tokens a variant ranks in each response's top 40%
+  (by gamma, ties at random), the share on the answer's dependency chain, from the task's
+  ground-truth labels, on responses of the final policy. A variant without a preference scores
+  the base rate.
+Each finished run is saved as JSON under --out and reused when the suite is run again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from experiments import common
+from experiments.quickstart import QuickstartConfig, loop_config, step_config
+from ftjax import credit, evaluation, overrides, sft, tasks
+from ftjax.tasks.countdown import CountdownConfig
+
+BUILT_IN = (
+    "uniform",
+    "flowtracer",
+    "flowtracer_soft",
+    "flowtracer_inverse",
+    "random",
+    "entropy",
+    "entropy_select",
+    "attention_received",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSetting:
+    prompt_len: int
+    max_new_tokens: int
+    target: float  # rollout reward the "steps to target" column waits for
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteConfig:
+    out: str = "runs/credit_suite"
+    seeds: int = 5
+    tasks: tuple[str, ...] = ("chain", "countdown")
+    credits: tuple[str, ...] = BUILT_IN
+    rl_steps: int = 40
+    eval_prompts: int = 256
+    precision_responses: int = 128
+    base: QuickstartConfig = QuickstartConfig(progress=False)
+    countdown: CountdownConfig = CountdownConfig(num_numbers=3, max_number=9, max_target=30)
+    countdown_warmup: sft.SFTConfig = sft.SFTConfig(
+        steps=400, batch_size=32, lr=3e-3, warmup_steps=40
+    )
+    chain_setting: TaskSetting = TaskSetting(prompt_len=44, max_new_tokens=44, target=0.7)
+    countdown_setting: TaskSetting = TaskSetting(prompt_len=12, max_new_tokens=24, target=0.3)
+
+    def __post_init__(self):
+        for name in self.credits:
+            credit.get(name)
+        for name in self.tasks:
+            if name not in tasks.TASKS:
+                raise ValueError(f"unknown task {name!r}; known: {sorted(tasks.TASKS)}")
+        if self.seeds < 1 or self.rl_steps < 1:
+            raise ValueError(f"seeds and rl_steps must be >= 1, got {self.seeds}, {self.rl_steps}")
+
+
+def _task(cfg: SuiteConfig, name: str, seed: int):
+    if name == "chain":
+        return tasks.ChainTask(dataclasses.replace(cfg.base.task, seed=seed)), cfg.chain_setting
+    return tasks.CountdownTask(dataclasses.replace(cfg.countdown, seed=seed)), cfg.countdown_setting
+
+
+def steps_to_target(rewards: list[float], target: float, window: int = 5) -> int | None:
+    for step in range(len(rewards)):
+        if np.mean(rewards[max(0, step - window + 1) : step + 1]) >= target:
+            return step
+    return None
+
+
+def run_one(cfg: SuiteConfig, task_name: str, seed: int, name: str, warm_params, out) -> dict:
+    path = out / f"{task_name}_seed{seed}_{name}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    task, setting = _task(cfg, task_name, seed)
+    qs = dataclasses.replace(
+        cfg.base,
+        seed=seed,
+        rl_steps=cfg.rl_steps,
+        prompt_len=setting.prompt_len,
+        max_new_tokens=setting.max_new_tokens,
+    )
+    started = time.perf_counter()
+    model, history = common.rl_run(
+        warm_params,
+        qs.policy,
+        task,
+        step_config(qs, name),
+        loop_config(qs),
+        out / f"{task_name}_seed{seed}" / f"rl_{name}",
+    )
+    rng = jax.random.PRNGKey(seed + 7)
+    result = {
+        "accuracy": evaluation.accuracy(
+            model,
+            task,
+            common.EVAL_START,
+            cfg.eval_prompts,
+            setting.prompt_len,
+            common.sampling_config(setting.max_new_tokens, 0.0),
+            rng,
+        ),
+        "steps_to_target": steps_to_target(
+            [history[s]["reward_mean"] for s in sorted(history)], setting.target
+        ),
+        "step_seconds": common.median_step_seconds(history),
+        "wall_seconds": time.perf_counter() - started,
+    }
+    if task_name == "chain":
+        result["precision"] = common.credit_precision(
+            model,
+            task,
+            [name],
+            cfg.precision_responses,
+            setting.prompt_len,
+            setting.max_new_tokens,
+            rng,
+        )[name]
+    path.write_text(json.dumps(result) + "\n")
+    return result
+
+
+def mean_se(values: list[float]) -> str:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "n/a"
+    mean = float(np.mean(values))
+    se = float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+    return f"{mean:.3f} ± {se:.3f}"
+
+
+def table(cfg: SuiteConfig, results: dict) -> str:
+    lines = [
+        "| task | credit | final accuracy | steps to target (reached) | precision@40% |",
+        "|---|---|---|---|---|",
+    ]
+    for task_name in cfg.tasks:
+        for name in cfg.credits:
+            runs = [results[(task_name, seed, name)] for seed in range(cfg.seeds)]
+            reached = [r["steps_to_target"] for r in runs if r["steps_to_target"] is not None]
+            steps = [
+                r["steps_to_target"] if r["steps_to_target"] is not None else cfg.rl_steps + 1
+                for r in runs
+            ]
+            precision = mean_se([r.get("precision") for r in runs]) if task_name == "chain" else "-"
+            lines.append(
+                f"| {task_name} | {name} | {mean_se([r['accuracy'] for r in runs])} | "
+                f"{mean_se(steps)} ({len(reached)}/{len(runs)}) | {precision} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> str:
+    cfg = overrides.apply(SuiteConfig(), argv)
+    out = pathlib.Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results, before = {}, {}
+    for task_name in cfg.tasks:
+        for seed in range(cfg.seeds):
+            task, setting = _task(cfg, task_name, seed)
+            warmup = cfg.base.warmup if task_name == "chain" else cfg.countdown_warmup
+            model = common.build_policy(cfg.base.policy, seed)
+            common.warm_up(
+                model,
+                task,
+                warmup,
+                setting.prompt_len,
+                setting.max_new_tokens,
+                out / f"{task_name}_seed{seed}" / "warmup",
+                progress=False,
+            )
+            before[(task_name, seed)] = evaluation.accuracy(
+                model,
+                task,
+                common.EVAL_START,
+                cfg.eval_prompts,
+                setting.prompt_len,
+                common.sampling_config(setting.max_new_tokens, 0.0),
+                jax.random.PRNGKey(seed + 7),
+            )
+            warm_params = nnx.state(model, nnx.Param)
+            for name in cfg.credits:
+                results[(task_name, seed, name)] = run_one(
+                    cfg, task_name, seed, name, warm_params, out
+                )
+                r = results[(task_name, seed, name)]
+                print(
+                    f"{task_name} seed {seed} {name:>20}: accuracy {before[(task_name, seed)]:.3f}"
+                    f" -> {r['accuracy']:.3f}, steps to target {r['steps_to_target']}, "
+                    f"{r['wall_seconds']:.0f} s",
+                    flush=True,
+                )
+    text = table(cfg, results)
+    lines = [text, ""]
+    for task_name in cfg.tasks:
+        accs = [before[(task_name, s)] for s in range(cfg.seeds)]
+        lines.append(f"{task_name}: greedy accuracy after warm-up (before RL) {mean_se(accs)}")
+    lines.append(f"wall time {time.perf_counter() - started:.0f} s")
+    text = "\n".join(lines)
+    (out / "table.md").write_text(text + "\n")
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
