@@ -2,12 +2,16 @@
 exactly the numbers it wrote to its logs."""
 
 import json
+import pathlib
+import re
 from html.parser import HTMLParser
 
 import matplotlib.image
 import numpy as np
+import pytest
 
-from experiments import quickstart
+from experiments import causal_masking, credit_suite, quickstart
+from ftjax import credit
 from ftjax.logging import read_jsonl
 
 TOY = [
@@ -18,12 +22,28 @@ TOY = [
 ]  # fmt: skip
 
 
+def readme_variant(tmp_path):
+    """The README's worked credit variant, saved as a user's own file."""
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = [
+        b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "credit.register(" in b
+    ]
+    path = tmp_path / "my_credit.py"
+    path.write_text(block.split("gamma_BxT = credit.compute")[0])
+    return path
+
+
 def test_quickstart_writes_what_it_prints(tmp_path, capsys):
     out = tmp_path / "qs"
-    summary = quickstart.main([*TOY, "--out", str(out)])
+    plugin = ["--plugins", str(readme_variant(tmp_path))]
+    credits = ["--credits", "uniform,flowtracer,late_tokens"]
+    try:
+        summary = quickstart.main([*TOY, *plugin, *credits, "--out", str(out)])
+    finally:
+        credit.unregister("late_tokens")
     printed = capsys.readouterr().out
     saved = json.loads((out / "summary.json").read_text())
-    assert saved["runs"].keys() == {"uniform", "flowtracer"}
+    assert saved["runs"].keys() == {"uniform", "flowtracer", "late_tokens"}
     table = (out / "summary.md").read_text()
     assert table.strip() in printed  # the printed table is the written one
     for name, run in saved["runs"].items():
@@ -49,10 +69,55 @@ def test_quickstart_writes_what_it_prints(tmp_path, capsys):
     Spans().feed((out / "credit.html").read_text())
     assert spans and all("tau=" in s.get("title", "") for s in spans)
 
+    # The causal check runs on the trained policy and writes what it prints.
+    result = causal_masking.main(["--run", str(out), "--responses", "8"])
+    assert set(result) >= {"top", "random", "bottom"}
+    assert json.loads((out / "causal_masking_rl_flowtracer.json").read_text()) == result
+    for mode in ("top", "random", "bottom"):
+        assert 0.0 <= result[mode]["answer_change_rate"] <= 1.0
+
     # Run again on the same directory: every stage is found and reused, nothing is redone.
-    again = quickstart.main([*TOY, "--out", str(out)])
+    again = quickstart.main([*TOY, "--out", str(out)])  # uniform and flowtracer only
     assert again["warmup_seconds"] == 0.0
     assert (
         again["runs"]["flowtracer"]["accuracy_greedy"]
         == summary["runs"]["flowtracer"]["accuracy_greedy"]
     )
+
+
+def test_unknown_credit_or_plugin_fails_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="no_such_credit"):
+        quickstart.main([*TOY, "--credits", "uniform,no_such_credit", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="not a file"):
+        quickstart.main([*TOY, "--plugins", str(tmp_path / "missing.py"), "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="unknown config key --rl_stepz"):
+        quickstart.main(["--rl_stepz", "3"])
+    assert not list(tmp_path.iterdir())
+
+
+def test_credit_suite_toy(tmp_path):
+    argv = [
+        "--out", str(tmp_path), "--seeds", "2", "--rl_steps", "2", "--credits", "uniform,random",
+        "--eval_prompts", "4", "--precision_responses", "4",
+        "--base.policy.layers", "3", "--base.policy.hidden", "32",
+        "--base.warmup.warmup_steps", "1", "--base.warmup.steps", "2",
+        "--base.warmup.batch_size", "8", "--base.prompts_per_step", "4", "--base.group_size", "2",
+        "--countdown_warmup.warmup_steps", "1", "--countdown_warmup.steps", "2",
+        "--countdown_warmup.batch_size", "8",
+    ]  # fmt: skip
+    text = credit_suite.main(argv)
+    rows = [
+        line
+        for line in text.splitlines()
+        if line.startswith("| chain") or line.startswith("| countdown")
+    ]
+    assert len(rows) == 4  # 2 tasks x 2 credits, each a mean over 2 seeds
+    assert all("±" in row for row in rows)
+    assert len(list(tmp_path.glob("*_seed*_*.json"))) == 8
+    assert (tmp_path / "table.md").read_text().startswith(text.splitlines()[0])
+
+
+def test_steps_to_target():
+    assert credit_suite.steps_to_target([0.0, 0.2, 0.9, 0.9, 0.9], 0.5, window=2) == 2
+    assert credit_suite.steps_to_target([0.0, 0.2, 0.9, 0.9, 0.9], 0.6, window=2) == 3
+    assert credit_suite.steps_to_target([0.0, 0.1], 0.5) is None
