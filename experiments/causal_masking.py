@@ -5,9 +5,10 @@
 For responses of a trained policy (the quickstart's, by default) to held-out prompts, mask 20% of
 the reasoning tokens as attention keys (no later token may read them; positions unchanged) and
 re-decode the answer greedily. Three choices of the masked 20%: the highest FlowTracer throughput,
-a random 20%, the lowest throughput. Reported: the answer-change rate over all responses that
-have an answer, and the correctness-flip rate over the correct ones. (Paper, GSM8K: 45.9% /
-29.5% / 14.9% answer change for top / random / bottom.)
+a random 20%, the lowest throughput. Reported, against the same greedy re-decoding without a mask:
+the answer-change rate over all responses that have an answer, and the correctness-flip rate
+(right -> wrong, by the task's verifier) over those whose unmasked re-decoded answer is right.
+(Paper, GSM8K: 45.9% / 29.5% / 14.9% answer change for top / random / bottom.)
 
 Reasoning tokens: the response tokens before the answer span, less the marker right before it.
 Takes well under a minute on 2 CPU cores after the quickstart.
@@ -64,35 +65,43 @@ def masked_sets(tau_T, eligible_T, fraction: float, rng) -> dict[str, np.ndarray
     return out
 
 
-def redecode(model, tokens_BxT, valid_BxT, positions_BxT, steps: int):
-    """Greedy continuation of each row for `steps` tokens by full re-forwarding (keys that are
-    not valid are never attended; positions are given, so masking shifts nothing)."""
-    out = []
-    for _ in range(steps):
-        logits = model(tokens_BxT, valid_BxT=valid_BxT, positions_BxT=positions_BxT).logits_BxTxV
-        nxt_Bx1 = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)[:, None]
-        out.append(nxt_Bx1)
-        tokens_BxT = jnp.concatenate([tokens_BxT, nxt_Bx1], 1)
-        valid_BxT = jnp.concatenate([valid_BxT, jnp.ones_like(nxt_Bx1, bool)], 1)
-        positions_BxT = jnp.concatenate([positions_BxT, positions_BxT[:, -1:] + 1], 1)
-    return np.asarray(jnp.concatenate(out, 1))
+def redecode(model, tokens_BxT, valid_BxT, positions_BxT, start_B, steps: int) -> np.ndarray:
+    """Greedy re-decoding of `steps` tokens from column start_B[b] of each row, by full forward
+    passes (keys that are not valid are never attended; positions are given, so masking shifts
+    nothing). Column start_B[b] + j is overwritten by the j-th decoded token before step j + 1."""
+    tokens_BxT = np.array(tokens_BxT)
+    rows = np.arange(len(start_B))
+    decoded_BxW = np.zeros((len(start_B), steps), np.int32)
+    for j in range(steps):
+        logits_BxTxV = model(
+            tokens_BxT, valid_BxT=valid_BxT, positions_BxT=positions_BxT
+        ).logits_BxTxV
+        decoded_BxW[:, j] = np.asarray(jnp.argmax(logits_BxTxV[rows, start_B + j - 1], -1))
+        if j + 1 < steps:
+            tokens_BxT[rows, start_B + j] = decoded_BxW[:, j]
+    return decoded_BxW
+
+
+def run_config(run: pathlib.Path) -> QuickstartConfig:
+    """The settings a quickstart run was made with (its summary.json), not today's defaults."""
+    qs = QuickstartConfig()
+    if not (run / "summary.json").exists():
+        raise ValueError(f"{run} has no summary.json; run `python -m experiments.quickstart` first")
+    saved = json.loads((run / "summary.json").read_text())["config"]
+    task = {**saved["task"], "ops": tuple(saved["task"]["ops"])}
+    return dataclasses.replace(
+        qs,
+        policy=common.PolicyConfig(**saved["policy"]),
+        task=dataclasses.replace(qs.task, **task),
+        prompt_len=saved["prompt_len"],
+        max_new_tokens=saved["max_new_tokens"],
+    )
 
 
 def main(argv: list[str]) -> dict:
     cfg = overrides.apply(CausalConfig(), argv)
-    qs = QuickstartConfig()
     run = pathlib.Path(cfg.run)
-    if (run / "summary.json").exists():  # the run's own settings, not today's defaults
-        saved = json.loads((run / "summary.json").read_text())["config"]
-        qs = dataclasses.replace(
-            qs,
-            policy=common.PolicyConfig(**saved["policy"]),
-            task=dataclasses.replace(
-                qs.task, **{**saved["task"], "ops": tuple(saved["task"]["ops"])}
-            ),
-            prompt_len=saved["prompt_len"],
-            max_new_tokens=saved["max_new_tokens"],
-        )
+    qs = run_config(run)
     task = ChainTask(qs.task)
     model = common.load_policy(run / cfg.policy / "checkpoints", qs.policy)
     rng = jax.random.PRNGKey(cfg.seed)
@@ -111,47 +120,66 @@ def main(argv: list[str]) -> dict:
     answer_BxT = np.asarray(batch.answer_mask_BxT)
     valid_BxT = np.asarray(batch.prompt_mask_BxT | batch.response_mask_BxT)
     positions_BxT = np.maximum(np.cumsum(valid_BxT, -1) - 1, 0)
-    rewards_B = np.asarray(batch.rewards_B)
     choose = np.random.default_rng(cfg.seed)
-    counts = {m: {"changed": 0, "flipped": 0} for m in MODES}
-    answered = correct = 0
+    rows, starts, widths, masks = [], [], [], {m: [] for m in MODES}
     for b in np.flatnonzero(answer_BxT.any(-1)):
         start = int(np.argmax(answer_BxT[b]))  # first answer token
-        width = int(answer_BxT[b].sum())
         reasoning_T = np.asarray(batch.response_mask_BxT[b]).copy()
         reasoning_T[start - 1 :] = False  # the answer, the marker before it, and what follows
         if not reasoning_T.any():
             continue
-        answered += 1
-        correct += int(rewards_B[b] == 1.0)
-        original = np.asarray(batch.tokens_BxT)[b, start : start + width]
-        sets = masked_sets(tau_BxT[b], reasoning_T, cfg.fraction, choose)
-        prefix = slice(0, start)
-        for mode, mask_T in sets.items():
-            decoded = redecode(
-                model,
-                jnp.asarray(batch.tokens_BxT)[b : b + 1, prefix],
-                jnp.asarray(valid_BxT[b : b + 1, prefix] & ~mask_T[None, prefix]),
-                jnp.asarray(positions_BxT[b : b + 1, prefix]),
-                width,
-            )[0]
-            changed = not np.array_equal(decoded, original)
-            counts[mode]["changed"] += int(changed)
-            counts[mode]["flipped"] += int(changed and rewards_B[b] == 1.0)
+        rows.append(b)
+        starts.append(start)
+        widths.append(int(answer_BxT[b].sum()))
+        for mode, mask_T in masked_sets(tau_BxT[b], reasoning_T, cfg.fraction, choose).items():
+            masks[mode].append(mask_T)
+    if not rows:
+        raise ValueError(
+            f"none of the {cfg.responses} responses of {run / cfg.policy} has an answer span "
+            "with reasoning before it: nothing to mask (is the policy trained?)"
+        )
+    rows, starts = np.asarray(rows, int), np.asarray(starts, int)
+    width = max(widths, default=0)
+    tokens_RxT = np.asarray(batch.tokens_BxT)[rows]
+    answer_RxW = np.arange(width)[None, :] < np.asarray(widths)[:, None]
+    args = (model, tokens_RxT)
+    # The baseline is the same greedy re-decoding without a mask (the sampled answer may differ
+    # from the greedy one even before any masking).
+    base_RxW = redecode(*args, valid_BxT[rows], positions_BxT[rows], starts, width)
+
+    def correct(decoded_RxW) -> np.ndarray:
+        out = []
+        for r, b in enumerate(rows):
+            response = list(got.responses[b])
+            offset = starts[r] - got.prompt_slots
+            response[offset : offset + widths[r]] = decoded_RxW[r, : widths[r]].tolist()
+            out.append(task.score(got.prompts[b], response)[0] == 1.0)
+        return np.asarray(out, bool)
+
+    correct_R = correct(base_RxW)
+    answered, correct_count = len(rows), int(correct_R.sum())
+    counts = {}
+    for mode in MODES:
+        decoded_RxW = redecode(
+            *args, valid_BxT[rows] & ~np.stack(masks[mode]), positions_BxT[rows], starts, width
+        )
+        changed_R = np.any((decoded_RxW != base_RxW) & answer_RxW, -1)
+        flipped_R = correct_R & ~correct(decoded_RxW)
+        counts[mode] = {"changed": int(changed_R.sum()), "flipped": int(flipped_R.sum())}
     result = {
         "responses_with_answer": answered,
-        "correct": correct,
+        "correct": correct_count,
         **{
             mode: {
                 "answer_change_rate": c["changed"] / max(answered, 1),
-                "correctness_flip_rate": c["flipped"] / max(correct, 1),
+                "correctness_flip_rate": c["flipped"] / max(correct_count, 1),
             }
             for mode, c in counts.items()
         },
     }
     lines = [
         f"causal masking of {cfg.fraction:.0%} of the reasoning tokens ({answered} responses "
-        f"with an answer, {correct} correct; policy {run / cfg.policy})",
+        f"with an answer, {correct_count} of them correct unmasked; policy {run / cfg.policy})",
         "| masked | answer change | correctness flip |",
         "|---|---|---|",
     ]

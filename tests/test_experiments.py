@@ -10,12 +10,13 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from experiments import causal_masking, credit_suite, quickstart
+from experiments import causal_masking, credit_suite, precision_by_layer, quickstart
 from ftjax import credit
 from ftjax.logging import read_jsonl
 
 TOY = [
-    "--warmup.warmup_steps", "1", "--warmup.steps", "3", "--warmup.batch_size", "8",
+    "--warmup.warmup_steps", "10", "--warmup.steps", "150", "--warmup.batch_size", "16",
+    "--warmup.lr", "1e-2",
     "--rl_steps", "2", "--prompts_per_step", "4", "--group_size", "2",
     "--eval_prompts", "4", "--precision_responses", "4", "--progress", "false",
     "--policy.layers", "3", "--policy.hidden", "32",
@@ -55,7 +56,7 @@ def test_quickstart_writes_what_it_prints(tmp_path, capsys):
         assert (out / f"rl_{name}" / "checkpoints").is_dir()
         assert list((out / f"rl_{name}" / "tensorboard").iterdir())
     assert summary["runs"]["uniform"]["credit_overhead"] == 0.0
-    assert len(read_jsonl(out / "warmup" / "metrics.jsonl")) == 3
+    assert len(read_jsonl(out / "warmup" / "metrics.jsonl")) == 150
     for png in ("curves.png", "credit.png", "backbone.png"):
         image = matplotlib.image.imread(out / png)
         assert image.shape[0] > 100 and image.shape[1] > 100 and image.std() > 0
@@ -70,11 +71,24 @@ def test_quickstart_writes_what_it_prints(tmp_path, capsys):
     assert spans and all("tau=" in s.get("title", "") for s in spans)
 
     # The causal check runs on the trained policy and writes what it prints.
-    result = causal_masking.main(["--run", str(out), "--responses", "8"])
-    assert set(result) >= {"top", "random", "bottom"}
+    result = causal_masking.main(["--run", str(out), "--responses", "16"])
+    assert result["responses_with_answer"] > 0
     assert json.loads((out / "causal_masking_rl_flowtracer.json").read_text()) == result
     for mode in ("top", "random", "bottom"):
         assert 0.0 <= result[mode]["answer_change_rate"] <= 1.0
+
+    by_layer = precision_by_layer.main(["--run", str(out), "--responses", "16"])
+    assert set(by_layer) == {
+        "layer 0",
+        "layer 1",
+        "layer 2",
+        "middle third (default)",
+        "all layers",
+    }
+    for row in by_layer.values():
+        assert 0.0 <= row["direct_flow_share"] <= 1.0 + 1e-6
+    # The default capture of a 3-layer policy is its middle layer: the same numbers.
+    assert by_layer["middle third (default)"] == by_layer["layer 1"]
 
     # Run again on the same directory: every stage is found and reused, nothing is redone.
     again = quickstart.main([*TOY, "--out", str(out)])  # uniform and flowtracer only
@@ -121,3 +135,31 @@ def test_steps_to_target():
     assert credit_suite.steps_to_target([0.0, 0.2, 0.9, 0.9, 0.9], 0.5, window=2) == 2
     assert credit_suite.steps_to_target([0.0, 0.2, 0.9, 0.9, 0.9], 0.6, window=2) == 3
     assert credit_suite.steps_to_target([0.0, 0.1], 0.5) is None
+
+
+def test_masked_sets_pick_the_right_tokens():
+    tau = np.array([0.0, 0.9, 0.1, 0.5, 0.3, 0.7, 0.2, 0.0])
+    eligible = np.array([0, 1, 1, 1, 1, 1, 1, 0], bool)  # 6 tokens: ceil(0.2 * 6) = 2 masked
+    sets = causal_masking.masked_sets(tau, eligible, 0.2, np.random.default_rng(0))
+    assert np.flatnonzero(sets["top"]).tolist() == [1, 5]
+    assert np.flatnonzero(sets["bottom"]).tolist() == [2, 6]
+    assert sets["random"].sum() == 2 and not (sets["random"] & ~eligible).any()
+
+
+def test_redecode_without_a_mask_is_greedy_decoding():
+    from flax import nnx
+
+    from ftjax.models import config, transformer
+
+    m = transformer.Transformer(config.tiny("llama", vocab_size=16), rngs=nnx.Rngs(0))
+    tokens = np.array([[0, 3, 4, 5, 6, 7, 8, 9], [3, 4, 5, 6, 7, 8, 9, 10]], np.int32)
+    valid = tokens != 0
+    positions = np.maximum(np.cumsum(valid, -1) - 1, 0)
+    starts = np.array([4, 6])
+    got = causal_masking.redecode(m, tokens, valid, positions, starts, steps=2)
+    for row, start in enumerate(starts):  # greedy decoding of the prefix, one row at a time
+        seq = tokens[row : row + 1, :start]
+        for j in range(2):
+            nxt = int(np.argmax(m(seq, valid_BxT=seq != 0).logits_BxTxV[0, -1]))
+            assert got[row, j] == nxt
+            seq = np.concatenate([seq, [[nxt]]], 1).astype(np.int32)
