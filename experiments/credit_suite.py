@@ -32,6 +32,7 @@ from flax import nnx
 from experiments import common
 from experiments.quickstart import QuickstartConfig, loop_config, step_config
 from ftjax import credit, evaluation, overrides, sft, tasks
+from ftjax.logging import read_jsonl
 from ftjax.tasks.countdown import CountdownConfig
 
 BUILT_IN = (
@@ -67,8 +68,8 @@ class SuiteConfig:
     countdown_warmup: sft.SFTConfig = sft.SFTConfig(
         steps=400, batch_size=32, lr=3e-3, warmup_steps=40
     )
-    chain_setting: TaskSetting = TaskSetting(prompt_len=44, max_new_tokens=44, target=0.7)
-    countdown_setting: TaskSetting = TaskSetting(prompt_len=12, max_new_tokens=24, target=0.3)
+    chain_setting: TaskSetting = TaskSetting(prompt_len=44, max_new_tokens=44, target=0.35)
+    countdown_setting: TaskSetting = TaskSetting(prompt_len=12, max_new_tokens=24, target=0.2)
 
     def __post_init__(self):
         for name in self.credits:
@@ -95,9 +96,13 @@ def steps_to_target(rewards: list[float], target: float, window: int = 5) -> int
 
 def run_one(cfg: SuiteConfig, task_name: str, seed: int, name: str, warm_params, out) -> dict:
     path = out / f"{task_name}_seed{seed}_{name}.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    run_dir = out / f"{task_name}_seed{seed}" / f"rl_{name}"
     task, setting = _task(cfg, task_name, seed)
+    if path.exists():  # a finished run; steps to target are re-read for today's --target
+        result = json.loads(path.read_text())
+        history = read_jsonl(run_dir / "metrics.jsonl")
+        rewards = [history[s]["reward_mean"] for s in sorted(history)]
+        return {**result, "steps_to_target": steps_to_target(rewards, setting.target)}
     qs = dataclasses.replace(
         cfg.base,
         seed=seed,
@@ -112,7 +117,7 @@ def run_one(cfg: SuiteConfig, task_name: str, seed: int, name: str, warm_params,
         task,
         step_config(qs, name),
         loop_config(qs),
-        out / f"{task_name}_seed{seed}" / f"rl_{name}",
+        run_dir,
     )
     rng = jax.random.PRNGKey(seed + 7)
     args = (model, task, common.EVAL_START, cfg.eval_prompts, setting.prompt_len)
