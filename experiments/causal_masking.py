@@ -98,21 +98,38 @@ def run_config(run: pathlib.Path) -> QuickstartConfig:
     )
 
 
-def main(argv: list[str]) -> dict:
-    cfg = overrides.apply(CausalConfig(), argv)
-    run = pathlib.Path(cfg.run)
+def trained_samples(run: pathlib.Path, policy: str, responses: int, temperature: float, seed: int):
+    """(settings, task, policy, sampled responses to held-out prompts) of a quickstart run."""
     qs = run_config(run)
     task = ChainTask(qs.task)
-    model = common.load_policy(run / cfg.policy / "checkpoints", qs.policy)
-    rng = jax.random.PRNGKey(cfg.seed)
+    model = common.load_policy(run / policy / "checkpoints", qs.policy)
     got = evaluation.sample(
         model,
         task,
         common.EVAL_START,
-        cfg.responses,
+        responses,
         qs.prompt_len,
-        common.sampling_config(qs.max_new_tokens, cfg.temperature),
-        rng,
+        common.sampling_config(qs.max_new_tokens, temperature),
+        jax.random.PRNGKey(seed),
+    )
+    return qs, task, model, got
+
+
+def masking_table(title: str, result: dict) -> str:
+    lines = [title, "| masked | answer change | correctness flip |", "|---|---|---|"]
+    for mode in MODES:
+        r = result[mode]
+        lines.append(
+            f"| {mode} flow | {r['answer_change_rate']:.3f} | {r['correctness_flip_rate']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> dict:
+    cfg = overrides.apply(CausalConfig(), argv)
+    run = pathlib.Path(cfg.run)
+    qs, task, model, got = trained_samples(
+        run, cfg.policy, cfg.responses, cfg.temperature, cfg.seed
     )
     tau_BxT, _ = evaluation.throughput(model, got.batch, train.StepConfig().capture)
     tau_BxT = np.asarray(tau_BxT)
@@ -177,18 +194,11 @@ def main(argv: list[str]) -> dict:
             for mode, c in counts.items()
         },
     }
-    lines = [
+    text = masking_table(
         f"causal masking of {cfg.fraction:.0%} of the reasoning tokens ({answered} responses "
         f"with an answer, {correct_count} of them correct unmasked; policy {run / cfg.policy})",
-        "| masked | answer change | correctness flip |",
-        "|---|---|---|",
-    ]
-    for mode in MODES:
-        r = result[mode]
-        lines.append(
-            f"| {mode} flow | {r['answer_change_rate']:.3f} | {r['correctness_flip_rate']:.3f} |"
-        )
-    text = "\n".join(lines)
+        result,
+    )
     print(text)
     (run / f"causal_masking_{cfg.policy}.json").write_text(json.dumps(result, indent=2) + "\n")
     (run / f"causal_masking_{cfg.policy}.md").write_text(text + "\n")

@@ -24,7 +24,7 @@ import sys
 import jax
 import numpy as np
 
-from experiments.causal_masking import MODES, masked_sets, redecode
+from experiments.causal_masking import MODES, masked_sets, masking_table, redecode
 from ftjax import capture, flow, loop, overrides, sampling
 
 SHOTS = (
@@ -172,19 +172,12 @@ def main(argv: list[str]) -> dict:
             for mode, c in counts.items()
         },
     }
-    lines = [
+    text = masking_table(
         f"Gemma-3-270M few-shot: causal masking of {cfg.fraction:.0%} of the reasoning tokens "
         f"({len(rows)} of {cfg.problems} responses with an answer, {correct_count} correct "
         "unmasked)",
-        "| masked | answer change | correctness flip |",
-        "|---|---|---|",
-    ]
-    for mode in MODES:
-        r = result[mode]
-        lines.append(
-            f"| {mode} flow | {r['answer_change_rate']:.3f} | {r['correctness_flip_rate']:.3f} |"
-        )
-    text = "\n".join(lines)
+        result,
+    )
     print(text)
     out = pathlib.Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,10 +19,8 @@ import sys
 import jax
 import numpy as np
 
-from experiments import common
-from experiments.causal_masking import run_config
+from experiments.causal_masking import trained_samples
 from ftjax import capture, credit, evaluation, flow, overrides, train
-from ftjax.tasks.chain import ChainTask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,19 +34,8 @@ class LayerConfig:
 def main(argv: list[str]) -> dict:
     cfg = overrides.apply(LayerConfig(), argv)
     run = pathlib.Path(cfg.run)
-    qs = run_config(run)
-    task = ChainTask(qs.task)
-    model = common.load_policy(run / cfg.policy / "checkpoints", qs.policy)
+    qs, task, model, got = trained_samples(run, cfg.policy, cfg.responses, 1.0, cfg.seed)
     rng = jax.random.PRNGKey(cfg.seed)
-    got = evaluation.sample(
-        model,
-        task,
-        common.EVAL_START,
-        cfg.responses,
-        qs.prompt_len,
-        common.sampling_config(qs.max_new_tokens, 1.0),
-        rng,
-    )
     labels_BxT = evaluation.task_labels(task, got)
     answer_BxT = np.asarray(got.batch.answer_mask_BxT)
     keep_B = answer_BxT.any(-1)
