@@ -129,7 +129,9 @@ def credit_gammas(
 def throughput(model, batch: train.Batch, spec: capture_lib.CaptureSpec, cfg=None):
     """FlowTracer's tau_BxT and the captured map attn_BxTxT for a batch (for pictures)."""
     cfg = cfg or credit_lib.CreditConfig()
-    _, _, attn_BxTxT = train.sequence_log_probs(model, batch, spec)
+    valid_BxT = batch.prompt_mask_BxT | batch.response_mask_BxT
+    # Only the captured map is needed: no log-softmax over the vocabulary, unlike the loss path.
+    attn_BxTxT = model(batch.tokens_BxT, valid_BxT=valid_BxT, capture=spec).attn_BxTxS
     inputs = credit_lib.CreditInputs(
         prompt_mask_BxT=batch.prompt_mask_BxT,
         response_mask_BxT=batch.response_mask_BxT,
