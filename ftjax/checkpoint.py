@@ -4,6 +4,10 @@ A checkpoint holds the train state (params, optimiser state, step, rng, non-fini
 JSON record of the loop's position (data/task iterator position, metric step, ...). Orbax writes
 into a temporary directory and renames it when complete, so a crash or SIGKILL mid-write leaves the
 previous checkpoint as the latest loadable one. A state with a non-finite value is never written.
+
+Multi-process, every method is collective: every process calls it, with the same arguments, on a
+directory they all see. Each process writes the shards it holds; Orbax lets process 0 alone
+create, finalise (rename) and delete checkpoint directories.
 """
 
 from __future__ import annotations

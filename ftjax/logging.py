@@ -23,6 +23,11 @@ def _scalar(name: str, value) -> float:
     return float(array.reshape(()))
 
 
+def scalars(metrics: Mapping[str, object]) -> dict[str, float]:
+    """The metrics as Python floats: what every sink writes."""
+    return {name: _scalar(name, value) for name, value in metrics.items()}
+
+
 class MetricsLogger:
     """Writes `metrics.jsonl` and TensorBoard events under `run_dir`; shows a tqdm bar.
 
@@ -51,15 +56,15 @@ class MetricsLogger:
         )
 
     def log(self, step: int, metrics: Mapping[str, object]) -> dict[str, float]:
-        scalars = {name: _scalar(name, value) for name, value in metrics.items()}
-        self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
+        values = scalars(metrics)
+        self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
         self._jsonl.flush()
-        for name, value in scalars.items():
+        for name, value in values.items():
             self._tb.add_scalar(name, value, int(step))
-        shown = {k.split("/")[-1]: f"{scalars[k]:.4g}" for k in self._keys if k in scalars}
+        shown = {k.split("/")[-1]: f"{values[k]:.4g}" for k in self._keys if k in values}
         self._bar.set_postfix(shown, refresh=False)
         self._bar.update(1)
-        return scalars
+        return values
 
     def close(self) -> None:
         self._bar.close()

@@ -1,10 +1,12 @@
 """The RL loop: prompts -> rollouts -> rewards and answer spans -> train steps, resumable exactly.
 
-Dims: P prompts per step, G responses per prompt, B = P * G, L prompt slots, N new tokens.
+Dims: P prompts per step, G responses per prompt, B = P * G, L prompt slots, N new tokens,
+R rows of the batch held by this process (R = B with one process).
 
 Everything a step consumes is a pure function of (config, step index, train state): the task's
 prompts for step s are `task.prompts(s * P, P)` and the sampling key is `fold_in(seed, s)`. So a
 run resumed from the checkpoint after step s reproduces the uninterrupted run's metrics exactly.
+With several processes each loads only the prompts of its own rows (`multihost.batch_rows`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 import jax
@@ -19,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ftjax import sampling, sharding, train
+from ftjax import multihost, sampling, sharding, train
 from ftjax.checkpoint import Checkpointer
-from ftjax.logging import MetricsLogger
+from ftjax.logging import MetricsLogger, scalars
 
 
 class Task(Protocol):
@@ -50,6 +53,22 @@ class LoopConfig:
         for name in ("steps", "prompts_per_step", "prompt_len", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"LoopConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """A held-out evaluation the loop runs after every `every` steps (0: never) and after the
+    last step: `fn(policy, steps_done) -> scalars`, logged with that step's metrics."""
+
+    every: int
+    fn: Callable[[nnx.Module, int], dict[str, float]]
+
+    def __post_init__(self):
+        if self.every < 0:
+            raise ValueError(f"Evaluation.every must be >= 0, got {self.every}")
+
+    def due(self, steps_done: int, total: int) -> bool:
+        return steps_done == total or (self.every > 0 and steps_done % self.every == 0)
 
 
 def left_pad(prompts: list[list[int]], slots: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -103,59 +122,99 @@ def rollout_batch(
     )
 
 
+def batch_like(batch_size: int, tokens: int) -> train.Batch:
+    """Shapes and dtypes of a rollout batch: the train step is placed on the mesh (and the
+    state with it) before the first rollout, which samples from the placed parameters."""
+    mask = jax.ShapeDtypeStruct((batch_size, tokens), jnp.bool_)
+    return train.Batch(
+        tokens_BxT=jax.ShapeDtypeStruct((batch_size, tokens), jnp.int32),
+        prompt_mask_BxT=mask,
+        response_mask_BxT=mask,
+        answer_mask_BxT=mask,
+        rewards_B=jax.ShapeDtypeStruct((batch_size,), jnp.float32),
+        old_log_probs_BxT=jax.ShapeDtypeStruct((batch_size, tokens), jnp.float32),
+    )
+
+
 def run(
     model: nnx.Module,
     task: Task,
     step_cfg: train.StepConfig,
     cfg: LoopConfig,
     run_dir: str | pathlib.Path,
+    evaluation: Evaluation | None = None,
 ) -> dict[int, dict[str, float]]:
     """Train `model` on `task` for `cfg.steps` steps, resuming from `run_dir` if it has a
-    checkpoint. Returns the metrics of the steps run now (step -> scalars)."""
+    checkpoint. Returns the metrics of the steps run now (step -> scalars), with `evaluation`'s
+    scalars on the steps after which it is due.
+
+    Multi-host (after `multihost.initialize`), every process calls this with the same arguments:
+    it loads the prompts of its own batch rows, samples on the global mesh, scores its own rows,
+    and joins every checkpoint save; process 0 writes the logs. `run_dir` must be on a filesystem
+    every process sees. Every process returns the same metrics, except its own `time/*`."""
     run_dir = pathlib.Path(run_dir)
     G, P = step_cfg.group_size, cfg.prompts_per_step
+    mesh = sharding.make_mesh(cfg.mesh)
     graphdef, state = train.init_state(model, step_cfg, jax.random.PRNGKey(cfg.seed))
     # The jitted step donates its state; copy so the caller's `model` stays usable afterwards.
     state = dataclasses.replace(state, params=jax.tree.map(jnp.copy, state.params))
+    step_fn, state = train.make_train_step(
+        graphdef,
+        state,
+        batch_like(P * G, cfg.prompt_len + cfg.sampling.max_new_tokens),
+        step_cfg,
+        mesh,
+    )
     checkpoints = Checkpointer(run_dir / "checkpoints", keep=cfg.keep_checkpoints)
     start = 0
     if checkpoints.latest_step() is not None:
         state, meta = checkpoints.restore(state)
         start = int(meta["step"])
-    mesh = sharding.make_mesh(cfg.mesh)
+    # Row b of a step's batch answers prompt b // G. This process loads the prompts from its first
+    # row's to its last row's: exactly its own when its rows are one block (always on one host).
+    prompt_R = multihost.batch_rows(P * G, mesh) // G
+    first, count = int(prompt_R[0]), int(prompt_R[-1] - prompt_R[0]) + 1
+    loaded_R = prompt_R - first  # each row's prompt among the loaded ones
     sample_key = jax.random.PRNGKey(cfg.seed + 1)
-    logger = MetricsLogger(
-        run_dir, total_steps=cfg.steps, initial_step=start, progress=cfg.progress
+    logger = (
+        MetricsLogger(run_dir, total_steps=cfg.steps, initial_step=start, progress=cfg.progress)
+        if multihost.is_main()
+        else None
     )
-    history, step_fn = {}, None
+    history = {}
     try:
         for step in range(start, cfg.steps):
             started = time.perf_counter()
-            prompts = task.prompts(step * P, P)
-            prompt_PxL, valid_PxL = left_pad(prompts, cfg.prompt_len, cfg.sampling.pad_id)
-            prompt_BxL, valid_BxL = np.repeat(prompt_PxL, G, 0), np.repeat(valid_PxL, G, 0)
+            prompts = task.prompts(step * P + first, count)
+            padded = left_pad(prompts, cfg.prompt_len, cfg.sampling.pad_id)
+            prompt_RxL, valid_RxL = (x[loaded_R] for x in padded)
             policy = nnx.merge(graphdef, state.params)
             rollout = sampling.generate(
-                policy, prompt_BxL, valid_BxL, jax.random.fold_in(sample_key, step), cfg.sampling
+                policy,
+                *sharding.global_batch((prompt_RxL, valid_RxL), mesh),
+                jax.random.fold_in(sample_key, step),
+                cfg.sampling,
             )
-            batch = rollout_batch(task, prompts, rollout, prompt_BxL, valid_BxL, G)
+            mine = jax.tree.map(lambda x: multihost.host_rows(x, mesh), rollout)
+            row_prompts = [prompts[i] for i in loaded_R]
+            local = rollout_batch(task, row_prompts, mine, prompt_RxL, valid_RxL, group_size=1)
+            batch = sharding.global_batch(local, mesh)
             rolled = time.perf_counter()
-            if step_fn is None:
-                step_fn, state = train.make_train_step(graphdef, state, batch, step_cfg, mesh)
             state, metrics = step_fn(state, batch)
             metrics = jax.device_get(metrics)  # waits for the step: the timing below is honest
-            timing = {
-                "time/rollout_s": rolled - started,
-                "time/step_s": time.perf_counter() - rolled,
-            }
-            history[step] = logger.log(
-                step,
+            stepped = time.perf_counter()
+            if evaluation is not None and evaluation.due(step + 1, cfg.steps):
+                metrics = {**metrics, **evaluation.fn(nnx.merge(graphdef, state.params), step + 1)}
+            history[step] = scalars(
                 {
                     **metrics,
-                    "response_length": float(np.mean(np.asarray(rollout.lengths_B))),
-                    **timing,
-                },
+                    "response_length": int(jnp.sum(rollout.lengths_B)) / (P * G),
+                    "time/rollout_s": rolled - started,
+                    "time/step_s": stepped - rolled,
+                }
             )
+            if logger is not None:
+                logger.log(step, history[step])
             if int(state.nonfinite_streak) >= step_cfg.optim.max_nonfinite_steps:
                 raise RuntimeError(
                     f"{int(state.nonfinite_streak)} non-finite steps in a row at "
@@ -164,6 +223,7 @@ def run(
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                 checkpoints.save(step + 1, state, {"step": step + 1})
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
         checkpoints.close()
     return history
