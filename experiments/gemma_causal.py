@@ -26,6 +26,8 @@ import numpy as np
 
 from experiments.causal_masking import MODES, masked_sets, masking_table, redecode
 from ftjax import capture, flow, loop, overrides, sampling
+from ftjax.models import pretrained
+from ftjax.text_task import token_offsets
 
 SHOTS = (
     "x = 4. y = 7. z = x + 2. What is z?\nz = x + 2 = 4 + 2 = 6. Answer: 6\n\n"
@@ -59,16 +61,6 @@ def problem(index: int, seed: int) -> tuple[str, int]:
     return " ".join(lines) + f" What is {names[2]}?\n", answer
 
 
-def token_offsets(tok, ids: list[int]) -> list[tuple[int, int]]:
-    """Character range of each token in decode(ids), by incremental decoding."""
-    offsets, previous = [], 0
-    for i in range(len(ids)):
-        end = len(tok.decode(ids[: i + 1]))
-        offsets.append((previous, end))
-        previous = end
-    return offsets
-
-
 def _left_pad(rows, T: int, fill) -> np.ndarray:
     return np.stack([np.pad(r, (T - len(r), 0), constant_values=fill) for r in rows])
 
@@ -79,18 +71,10 @@ def _answers(tok, decoded_BxW, widths) -> np.ndarray:
     )
 
 
-def load_gemma():
-    from ftjax.models import config, gguf, hf
-    from ftjax.models.tokenizer import Tokenizer
-
-    ckpt = gguf.read_gguf(gguf.find_gemma3_270m())
-    model = hf.model_from_tensors(config.from_hf(ckpt.config), ckpt.tensors)
-    return model, Tokenizer.from_gguf_metadata(ckpt.metadata)
-
-
 def main(argv: list[str]) -> dict:
     cfg = overrides.apply(GemmaCausalConfig(), argv)
-    model, tok = load_gemma()
+    policy = pretrained.load(pretrained.GEMMA3_270M)
+    model, tok = policy.model, policy.tokenizer
     newline = tok.encode("\n\n", add_bos=False)[-1]
     questions = [problem(i, cfg.seed) for i in range(cfg.problems)]
     prompts = [tok.encode(SHOTS + q) for q, _ in questions]

@@ -59,6 +59,26 @@ def accuracy(model, task, start, count, prompt_len, cfg: sampling.SamplingConfig
     return float(np.mean(np.concatenate(rewards)))
 
 
+def rewards_k(
+    model, task, start, count, k, prompt_len, cfg: sampling.SamplingConfig, rng, chunk=64
+) -> np.ndarray:
+    """Rewards [count, k] of k responses to each of prompts start, ..., start + count - 1 (the
+    k copies of a prompt share one generate call, `chunk` prompts per call)."""
+    if k < 1 or count < 1:
+        raise ValueError(f"need k >= 1 and count >= 1, got k={k}, count={count}")
+    rewards = []
+    for offset in range(0, count, chunk):
+        prompts = task.prompts(start + offset, min(chunk, count - offset))
+        prompt_PxL, valid_PxL = loop.left_pad(prompts, prompt_len, cfg.pad_id)
+        prompt_BxL, valid_BxL = np.repeat(prompt_PxL, k, 0), np.repeat(valid_PxL, k, 0)
+        rollout = sampling.generate(
+            model, prompt_BxL, valid_BxL, jax.random.fold_in(rng, offset), cfg
+        )
+        batch = loop.rollout_batch(task, prompts, rollout, prompt_BxL, valid_BxL, group_size=k)
+        rewards.append(np.asarray(batch.rewards_B).reshape(len(prompts), k))
+    return np.concatenate(rewards)
+
+
 def selection_probability(score_T, eligible_T, fraction: float) -> np.ndarray:
     """P(token is among the top ceil(fraction * n) eligible tokens by score) when ties are broken
     uniformly at random: 1 above the cut, a shared fraction for the tied group at the cut."""

