@@ -466,3 +466,23 @@ def test_chunked_capture_equals_full_probabilities(family):
     np.testing.assert_allclose(np.asarray(chunked.layer_attn_LxBxTxS), want, atol=1e-6)
     np.testing.assert_allclose(np.asarray(chunked.logits_BxTxV), np.asarray(full.logits_BxTxV),
                                atol=1e-5)
+
+
+def test_capture_adds_only_its_map_to_planned_memory():
+    """XLA's planned memory (temporaries + outputs) grows by the returned B x T x T map and no
+    more: every captured layer adds its chunks to the one carried map, one chunk at a time."""
+    cfg = tiny("gemma3", max_position_embeddings=512)  # sliding and full layers
+    graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    tokens = jax.ShapeDtypeStruct((2, 300), jnp.int32)  # 300 = 2 x 128 + 44: loop and tail
+
+    def planned_bytes(capture):
+        def forward(state, tokens):
+            out = nnx.merge(graphdef, state)(tokens, capture=capture)
+            return out.logits_BxTxV, out.attn_BxTxS
+
+        stats = jax.jit(forward).lower(state, tokens).compile().memory_analysis()
+        return stats.temp_size_in_bytes + stats.output_size_in_bytes
+
+    map_bytes = 2 * 300 * 300 * 4
+    every_layer = CaptureSpec(mode="layers", layers=tuple(range(cfg.num_layers)))
+    assert planned_bytes(every_layer) - planned_bytes(NONE) <= 1.25 * map_bytes

@@ -3,10 +3,11 @@
 Dims: B batch, T query tokens, S key slots (T without a cache, the cache length with one),
 E hidden, H query heads, K key/value heads, G = H / K, D head dim, F MLP width, V vocab, L layers.
 
-Captured layers compute explicit softmax probabilities and reduce them to the head mean inside the
-layer (running mean over captured layers), under stop_gradient; the other layers use
-`jax.nn.dot_product_attention`, which may dispatch to a fused kernel. Parameter names follow
-Hugging Face's (`layers[i].self_attn.q_proj`, ...), so loaders map checkpoints one to one.
+Captured layers compute explicit softmax probabilities one query chunk at a time and add each
+chunk's head mean, under stop_gradient, to the one B x T x S map carried across the layers (the
+running layer mean); the other layers use `jax.nn.dot_product_attention`, which may dispatch to a
+fused kernel. Parameter names follow Hugging Face's (`layers[i].self_attn.q_proj`, ...), so
+loaders map checkpoints one to one.
 """
 
 from __future__ import annotations
@@ -145,11 +146,22 @@ class Attention(nnx.Module):
             cfg.attn_logit_softcap,
         )
 
-    def __call__(self, x_BxTxE, positions_BxT, mask_BxTxS, kv=None, mode: str = "fused"):
-        """Returns (out_BxTxE, extra, (k, v) for the cache slots of this step).
+    def __call__(
+        self,
+        x_BxTxE,
+        positions_BxT,
+        query_slot_BxT,
+        key_valid_BxS,
+        kv=None,
+        mode: str = "fused",
+        capture=None,
+    ):
+        """Returns (out_BxTxE, extra, (k, v) for the cache slots of this step). Queries sit in
+        slots query_slot_BxT and attend over the real keys of slots [0, S) (`attention_mask`).
 
         mode "fused": `jax.nn.dot_product_attention` (may be a fused kernel), extra None;
-        "capture": explicit softmax in query chunks, extra = head-mean probabilities B x T x S;
+        "capture": explicit softmax in query chunks; capture = (map_BxTxS, row_weight_BxT) and
+        extra = map_BxTxS plus each query row's head-mean probabilities times its weight;
         "debug": explicit, extra = per-head probabilities B x H x T x S.
         """
         B, T, _ = x_BxTxE.shape
@@ -166,16 +178,27 @@ class Attention(nnx.Module):
         new_kv = (k_BxTxKxD, v_BxTxKxD)
         if mode == "fused" and not self.softcap:
             out = jax.nn.dot_product_attention(
-                q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask_BxTxS[:, None], scale=self.scale
+                q_BxTxHxD,
+                k_BxSxKxD,
+                v_BxSxKxD,
+                mask=self._mask(query_slot_BxT, key_valid_BxS)[:, None],
+                scale=self.scale,
             )
             return self.o_proj(out.reshape(B, T, H * D)), None, new_kv
         q_BxTxKxGxD = q_BxTxHxD.reshape(B, T, K, H // K, D)
         if mode == "debug":
+            mask_BxTxS = self._mask(query_slot_BxT, key_valid_BxS)
             out, probs_BxKxGxTxS = self._explicit(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS)
             extra = probs_BxKxGxTxS.reshape(B, H, T, -1)
         else:
-            out, extra = self._chunked(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS)
+            out, extra = self._chunked(
+                q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, query_slot_BxT, key_valid_BxS, *capture
+            )
         return self.o_proj(out.reshape(B, T, H * D)), extra, new_kv
+
+    def _mask(self, query_slot_BxT, key_valid_BxS):
+        key_slot_S = jnp.arange(key_valid_BxS.shape[1])
+        return attention_mask(query_slot_BxT, key_slot_S, key_valid_BxS, self.window)
 
     def _explicit(self, q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS):
         logits = self.scale * jnp.einsum(
@@ -188,25 +211,49 @@ class Attention(nnx.Module):
         out = jnp.einsum("bkgts,bskd->btkgd", probs_BxKxGxTxS.astype(v_BxSxKxD.dtype), v_BxSxKxD)
         return out, probs_BxKxGxTxS
 
-    def _chunked(self, q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS):
-        """Explicit attention over query chunks, keeping only each chunk's head mean: the working
-        set is B x H x C x S per chunk, not B x H x T x S."""
+    def _chunked(
+        self,
+        q_BxTxKxGxD,
+        k_BxSxKxD,
+        v_BxSxKxD,
+        query_slot_BxT,
+        key_valid_BxS,
+        map_BxTxS,
+        row_weight_BxT,
+    ):
+        """Explicit attention one query chunk at a time, adding each chunk's weighted head mean to
+        map_BxTxS in place: the working set is B x H x C x S, not B x H x T x S.
 
-        def chunk(q, mask):
-            out, probs_BxKxGxCxS = self._explicit(q, k_BxSxKxD, v_BxSxKxD, mask)
-            return out, jnp.mean(probs_BxKxGxCxS, axis=(1, 2))
+        A loop, not unrolled chunks: XLA:CPU's default (concurrency-optimised) scheduler runs
+        independent chunks side by side and so keeps all their probabilities alive at once. The
+        loop's buffer starts as the queries and takes each chunk's output in place of its rows: a
+        zero-filled output buffer would be hoisted to the start of the program and held through
+        every earlier layer. Each chunk builds its own mask rows, so no T x S mask is kept alive."""
 
-        B, T = mask_BxTxS.shape[:2]
-        C = _QUERY_CHUNK
-        if T <= C:
-            return chunk(q_BxTxKxGxD, mask_BxTxS)
-        # Unrolled, not lax.map: XLA does not share a while loop's temporaries with the rest of the
-        # program, so a loop per captured layer would add its chunk buffers to the peak.
-        outs, means = zip(
-            *(chunk(q_BxTxKxGxD[:, i : i + C], mask_BxTxS[:, i : i + C]) for i in range(0, T, C)),
-            strict=True,
+        def rows(start, size, carry):
+            qo_BxTxKxGxD, map_BxTxS = carry
+            q_BxCxKxGxD = jax.lax.dynamic_slice_in_dim(qo_BxTxKxGxD, start, size, axis=1)
+            query_slot_BxC = jax.lax.dynamic_slice_in_dim(query_slot_BxT, start, size, axis=1)
+            mask_BxCxS = self._mask(query_slot_BxC, key_valid_BxS)
+            out, probs_BxKxGxCxS = self._explicit(q_BxCxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_BxCxS)
+            weight_BxC = jax.lax.dynamic_slice_in_dim(row_weight_BxT, start, size, axis=1)
+            head_mean_BxCxS = jnp.mean(probs_BxKxGxCxS, axis=(1, 2)) * weight_BxC[:, :, None]
+            old_BxCxS = jax.lax.dynamic_slice_in_dim(map_BxTxS, start, size, axis=1)
+            new_BxCxS = old_BxCxS + jax.lax.stop_gradient(head_mean_BxCxS)
+            return (
+                jax.lax.dynamic_update_slice_in_dim(qo_BxTxKxGxD, out, start, axis=1),
+                jax.lax.dynamic_update_slice_in_dim(map_BxTxS, new_BxCxS, start, axis=1),
+            )
+
+        T = q_BxTxKxGxD.shape[1]
+        C = min(_QUERY_CHUNK, T)
+        full = T // C
+        carry = jax.lax.fori_loop(
+            0, full, lambda j, carry: rows(j * C, C, carry), (q_BxTxKxGxD, map_BxTxS)
         )
-        return jnp.concatenate(outs, axis=1), jnp.concatenate(means, axis=1)
+        if T % C:
+            carry = rows(full * C, T % C, carry)
+        return carry
 
 
 class MLP(nnx.Module):
@@ -237,9 +284,10 @@ class Block(nnx.Module):
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
 
-    def __call__(self, x_BxTxE, positions_BxT, mask_BxTxS, kv=None, mode="fused"):
+    def __call__(self, x_BxTxE, positions_BxT, slots, kv=None, mode="fused", capture=None):
+        """slots = (query_slot_BxT, key_valid_BxS), see `Attention`."""
         h, extra, new_kv = self.self_attn(
-            self.input_layernorm(x_BxTxE), positions_BxT, mask_BxTxS, kv, mode
+            self.input_layernorm(x_BxTxE), positions_BxT, *slots, kv, mode, capture
         )
         if self.sandwich:
             x_BxTxE = x_BxTxE + self.post_attention_layernorm(h)
@@ -316,16 +364,15 @@ class Transformer(nnx.Module):
             if cache is None
             else jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, valid_BxT, index, 1)
         )
-        masks = {
-            w: attention_mask(query_slot_BxT, jnp.arange(slots), key_valid_BxS, w)
-            for w in {layer.self_attn.window for layer in self.layers}
-        }
-
         captured = capture_lib.captured_layers(capture, cfg.num_layers)
         x_BxTxE = self.embed_tokens(tokens_BxT)
         if cfg.scale_embeddings:
             x_BxTxE = x_BxTxE * jnp.asarray(math.sqrt(cfg.hidden_size), x_BxTxE.dtype)
-        attn_sum_BxTxS, layer_maps, head_probs, new_k, new_v = None, [], [], [], []
+        # One map for all captured layers, each layer adding its valid rows' head mean / L in place.
+        valid_rows_BxT = valid_BxT.astype(jnp.float32)
+        layer_weight = 1.0 / max(len(captured), 1)
+        attn_BxTxS = jnp.zeros((B, T, slots), jnp.float32) if captured else None
+        layer_maps, head_probs, new_k, new_v = [], [], [], []
         for i, layer in enumerate(self.layers):
             kv = None
             if cache is not None:
@@ -337,28 +384,32 @@ class Transformer(nnx.Module):
                     )
 
             mode = "debug" if debug_probs else "capture" if i in captured else "fused"
+            into = None
+            if mode == "capture":  # per_layer: the layer's own map, folded into the mean below
+                into = (
+                    (jnp.zeros_like(attn_BxTxS), valid_rows_BxT)
+                    if capture.per_layer
+                    else (attn_BxTxS, valid_rows_BxT * layer_weight)
+                )
             x_BxTxE, extra, (k, v) = layer(
-                x_BxTxE, positions_BxT, masks[layer.self_attn.window], kv, mode
+                x_BxTxE, positions_BxT, (query_slot_BxT, key_valid_BxS), kv, mode, into
             )
             new_k.append(k)
             new_v.append(v)
             if debug_probs:
                 head_probs.append(extra)
-            if i in captured:
-                head_mean = jnp.mean(extra, axis=1) if debug_probs else extra
-                head_mean_BxTxS = jax.lax.stop_gradient(head_mean)
-                head_mean_BxTxS = jnp.where(valid_BxT[:, :, None], head_mean_BxTxS, 0.0)
-                attn_sum_BxTxS = (
-                    head_mean_BxTxS if attn_sum_BxTxS is None else attn_sum_BxTxS + head_mean_BxTxS
-                )
-                if not capture.per_layer:
-                    # Fold this layer's map in before the next layer runs: left to itself XLA may
-                    # keep every captured layer's B x T x T map alive until the end.
-                    x_BxTxE, attn_sum_BxTxS = jax.lax.optimization_barrier(
-                        (x_BxTxE, attn_sum_BxTxS)
-                    )
-                if capture.per_layer:
-                    layer_maps.append(head_mean_BxTxS)
+            if i not in captured:
+                continue
+            if mode == "capture" and not capture.per_layer:
+                attn_BxTxS = extra  # the layer added its rows in place
+                continue
+            layer_map_BxTxS = extra
+            if debug_probs:
+                head_mean_BxTxS = jnp.mean(extra, axis=1) * valid_rows_BxT[:, :, None]
+                layer_map_BxTxS = jax.lax.stop_gradient(head_mean_BxTxS)
+            if capture.per_layer:
+                layer_maps.append(layer_map_BxTxS)
+            attn_BxTxS = attn_BxTxS + layer_map_BxTxS * layer_weight
         x_BxTxE = self.norm(x_BxTxE)
         if cfg.tie_embeddings:
             logits_BxTxV = self.embed_tokens.attend(x_BxTxE)
@@ -380,7 +431,7 @@ class Transformer(nnx.Module):
             )
         return ForwardOutput(
             logits_BxTxV=logits_BxTxV,
-            attn_BxTxS=None if attn_sum_BxTxS is None else attn_sum_BxTxS / len(captured),
+            attn_BxTxS=attn_BxTxS,
             layer_attn_LxBxTxS=jnp.stack(layer_maps) if layer_maps else None,
             head_probs_LxBxHxTxS=jnp.stack(head_probs) if head_probs else None,
             cache=new_cache,
