@@ -37,9 +37,33 @@ class PromptConfig:
     template: str = "auto"  # auto: the family's chat markup if the checkpoint ships one, else plain
     verifier: str = "auto"  # auto: gsm8k for the gsm8k preset, else math (math-verify)
     instruction: str = data.DEFAULT_INSTRUCTION
+    # Few-shot (for base models): the first `shots` rows of `shots_path` (same preset as the data;
+    # in math_rl by default the training file, whose first rows are then not trained on), solved,
+    # before every question; the instruction is then left out and a blank line ends a response.
+    shots: int = 0
+    shots_path: str | None = None
 
-    def resolve(self, policy: pretrained.Pretrained, preset: str | None):
-        """The TextTaskConfig this means for `policy` and a data preset."""
+    def __post_init__(self):
+        if self.shots < 0:
+            raise ValueError(f"PromptConfig.shots must be >= 0, got {self.shots}")
+
+    def load_shots(self, data_cfg: DataConfig, default_path: str | None = None):
+        """The few-shot examples: the first `shots` rows of `shots_path` (or `default_path`)."""
+        if not self.shots:
+            return []
+        path = self.shots_path or default_path
+        if path is None:
+            raise ValueError("--prompt.shots needs --prompt.shots_path (a file of solved problems)")
+        cfg = dataclasses.replace(data_cfg, path=path, limit=self.shots, on_bad_row="error")
+        shots, _ = data.load(cfg)
+        if len(shots) < self.shots:
+            raise ValueError(
+                f"{path} has {len(shots)} rows, fewer than --prompt.shots {self.shots}"
+            )
+        return shots
+
+    def resolve(self, policy: pretrained.Pretrained, preset: str | None, shots=()):
+        """The TextTaskConfig this means for `policy`, a data preset and few-shot examples."""
         template = self.template
         if template == "auto":
             template = policy.family if policy.chat_template else "plain"
@@ -49,7 +73,8 @@ class PromptConfig:
         return text_task.TextTaskConfig(
             template=template,
             verifier=verifier,
-            instruction=self.instruction,
+            instruction="" if shots else self.instruction,
+            preamble=text_task.few_shot_preamble(shots, verifier),
             add_bos=template != "llama",  # the llama markup writes <|begin_of_text|> itself
         )
 
@@ -88,14 +113,14 @@ def build_task(
     data_cfg: DataConfig,
     prompt_cfg: PromptConfig,
     prompt_len: int,
-    examples: list[data.Example] | None = None,
+    shots: list[data.Example] = (),
 ) -> tuple[text_task.TextTask, list[str]]:
-    """The task over a data file's rows (or `examples`, when given); problems lists the rows left
+    """The task over a data file's rows, less any that are `shots`; problems lists the rows left
     out (unreadable, or prompts over `prompt_len` tokens) as "source: why"."""
-    problems = []
-    if examples is None:
-        examples, problems = data.load(data_cfg)
-    cfg = prompt_cfg.resolve(policy, data_cfg.preset)
+    examples, problems = data.load(data_cfg)
+    shown = {shot.source for shot in shots}
+    examples = [e for e in examples if e.source not in shown]
+    cfg = prompt_cfg.resolve(policy, data_cfg.preset, shots)
     kept, ids, too_long = text_task.encode_prompts(examples, policy.tokenizer, cfg, prompt_len)
     problems += too_long
     if too_long and data_cfg.on_bad_row == "error":
@@ -105,12 +130,21 @@ def build_task(
     return text_task.TextTask(kept, ids, policy.tokenizer, cfg), problems
 
 
-def sampling_config(policy: pretrained.Pretrained, cfg: EvalConfig, temperature: float):
+def stop_ids(policy: pretrained.Pretrained, task: text_task.TextTask) -> tuple[int, ...]:
+    """The policy's EOS ids, and with few-shot prompts the blank line that ends a shot."""
+    ids = policy.stop_ids()
+    blank = policy.tokenizer.encode("\n\n", add_bos=False)
+    if task.cfg.preamble and len(blank) == 1:
+        ids = tuple(sorted({*ids, blank[0]}))
+    return ids
+
+
+def sampling_config(policy, task, cfg: EvalConfig, temperature: float):
     return sampling.SamplingConfig(
         max_new_tokens=cfg.max_new_tokens,
         temperature=temperature,
         top_p=cfg.top_p,
-        eos_ids=policy.stop_ids(),
+        eos_ids=stop_ids(policy, task),
         pad_id=pad_id(policy),
     )
 
@@ -126,10 +160,15 @@ def evaluate_task(model, policy: pretrained.Pretrained, task, cfg: EvalConfig) -
     rng = jax.random.PRNGKey(cfg.seed)
     args = (model, task, 0, count)
     greedy_Cx1 = evaluation.rewards_k(
-        *args, 1, cfg.prompt_len, sampling_config(policy, cfg, 0.0), rng, cfg.chunk
+        *args, 1, cfg.prompt_len, sampling_config(policy, task, cfg, 0.0), rng, cfg.chunk
     )
     sampled_CxK = evaluation.rewards_k(
-        *args, cfg.k, cfg.prompt_len, sampling_config(policy, cfg, cfg.temperature), rng, cfg.chunk
+        *args,
+        cfg.k,
+        cfg.prompt_len,
+        sampling_config(policy, task, cfg, cfg.temperature),
+        rng,
+        cfg.chunk,
     )
     return {
         "pass@1": float(greedy_Cx1.mean()),
@@ -159,7 +198,8 @@ def main(argv: list[str]) -> dict[str, float]:
     model, step = policy.model, 0
     if cfg.checkpoint is not None:
         model, step = restore_policy(model, cfg.checkpoint)
-    task, problems = build_task(policy, cfg.data, cfg.prompt, cfg.eval.prompt_len)
+    shots = cfg.prompt.load_shots(cfg.data)
+    task, problems = build_task(policy, cfg.data, cfg.prompt, cfg.eval.prompt_len, shots)
     for problem in problems:
         print(f"skipped {problem}", file=sys.stderr)
     metrics = {**evaluate_task(model, policy, task, cfg.eval), "checkpoint_step": float(step)}

