@@ -199,9 +199,7 @@ def main(argv: list[str]) -> dict:
         f"with an answer, {correct_count} of them correct unmasked; policy {run / cfg.policy})",
         result,
     )
-    print(text)
-    (run / f"causal_masking_{cfg.policy}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (run / f"causal_masking_{cfg.policy}.md").write_text(text + "\n")
+    common.write_result(run, f"causal_masking_{cfg.policy}", result, text)
     return result
 
 

@@ -9,6 +9,7 @@ Task index streams never overlap: RL prompts are indices [0, ...), held-out eval
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import time
 
@@ -129,6 +130,14 @@ def rl_run(
         restored.close()
     trained = nnx.merge(graphdef, state.params)
     return trained, read_jsonl(run_dir / "metrics.jsonl")
+
+
+def write_result(out_dir: pathlib.Path, stem: str, result: dict, table: str) -> None:
+    """Print an experiment's table and keep it as out_dir/stem.md, its numbers as stem.json."""
+    print(table)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / f"{stem}.md").write_text(table + "\n")
 
 
 def median_step_seconds(history: dict[int, dict[str, float]], key: str = "time/step_s") -> float:

@@ -15,7 +15,6 @@ re-decoding gets right. About 5 minutes on 2 CPU cores.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import re
 import string
@@ -24,6 +23,7 @@ import sys
 import jax
 import numpy as np
 
+from experiments import common
 from experiments.causal_masking import MODES, masked_sets, masking_table, redecode
 from ftjax import capture, flow, loop, overrides, sampling
 from ftjax.models import pretrained
@@ -162,11 +162,7 @@ def main(argv: list[str]) -> dict:
         "unmasked)",
         result,
     )
-    print(text)
-    out = pathlib.Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "result.md").write_text(text + "\n")
+    common.write_result(pathlib.Path(cfg.out), "result", result, text)
     return result
 
 

@@ -12,13 +12,13 @@ Forward passes only: well under a minute on 2 CPU cores after the quickstart.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import sys
 
 import jax
 import numpy as np
 
+from experiments import common
 from experiments.causal_masking import trained_samples
 from ftjax import capture, credit, evaluation, flow, overrides, train
 
@@ -84,9 +84,7 @@ def main(argv: list[str]) -> dict:
             f"{r['uniform']:.3f} | {r['direct_flow_share']:.3f} |"
         )
     text = "\n".join(lines)
-    print(text)
-    (run / f"precision_by_layer_{cfg.policy}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (run / f"precision_by_layer_{cfg.policy}.md").write_text(text + "\n")
+    common.write_result(run, f"precision_by_layer_{cfg.policy}", result, text)
     return result
 
 

@@ -49,14 +49,7 @@ def sample(
 
 def accuracy(model, task, start, count, prompt_len, cfg: sampling.SamplingConfig, rng, chunk=256):
     """Mean reward over `count` held-out prompts (greedy when cfg.temperature == 0)."""
-    rewards = []
-    for offset in range(0, count, chunk):
-        n = min(chunk, count - offset)
-        got = sample(
-            model, task, start + offset, n, prompt_len, cfg, jax.random.fold_in(rng, offset)
-        )
-        rewards.append(np.asarray(got.batch.rewards_B))
-    return float(np.mean(np.concatenate(rewards)))
+    return float(rewards_k(model, task, start, count, 1, prompt_len, cfg, rng, chunk).mean())
 
 
 def rewards_k(

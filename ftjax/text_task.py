@@ -19,8 +19,7 @@ from ftjax import data, verifiers
 
 # verifier name -> (response text, ground truth) -> Verdict
 TEXT_VERIFIERS: dict[str, Callable[[str, str], verifiers.Verdict]] = {
-    "math": verifiers.verify_math,
-    "gsm8k": verifiers.verify_gsm8k,
+    name: verifiers.VERIFIERS[name] for name in ("math", "gsm8k")
 }
 
 
