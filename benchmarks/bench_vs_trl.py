@@ -85,7 +85,7 @@ def reward(response: list[int]) -> float:
 
 
 class TokenTask:
-    """`loop.Task` over the fixed prompt table; records each scored response's length."""
+    """`rollout.Task` over the fixed prompt table; records each scored response's length."""
 
     def __init__(self, prompts_SxL: np.ndarray):
         self.prompts_SxL = prompts_SxL
@@ -188,7 +188,7 @@ def run_ftjax(s: Settings, checkpoint: pathlib.Path, credit_name: str, run_dir) 
         progress=False,
     )
     before = rss_mib()
-    history = loop.run(model, task, step_cfg, loop_cfg, run_dir)
+    history = loop.run(model, task, step_cfg, loop_cfg, run_dir).history
     timed = [history[i] for i in range(s.warmup, s.steps)]
     rollout_s = [m["time/rollout_s"] for m in timed]
     iteration_s = [m["time/rollout_s"] + m["time/step_s"] for m in timed]

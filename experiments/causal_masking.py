@@ -17,20 +17,15 @@ Takes well under a minute on 2 CPU cores after the quickstart.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from experiments import common
-from experiments.quickstart import QuickstartConfig
-from ftjax import credit, evaluation, overrides, train
-from ftjax.tasks.chain import ChainTask
+from ftjax import capture, evaluation, overrides
 
-MODES = ("top", "random", "bottom")
+MODES = common.MASKING_MODES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,91 +42,14 @@ class CausalConfig:
             raise ValueError(f"CausalConfig.fraction must be in (0, 1), got {self.fraction}")
 
 
-def masked_sets(tau_T, eligible_T, fraction: float, rng) -> dict[str, np.ndarray]:
-    """Boolean masks (T,) of the top / random / bottom `fraction` of the eligible tokens."""
-    idx = np.flatnonzero(eligible_T)
-    k = credit.selection_count(len(idx), fraction) if len(idx) else 0
-    order = idx[np.argsort(-tau_T[idx], kind="stable")]  # ties: earlier first
-    picks = {
-        "top": order[:k],
-        "bottom": order[len(order) - k :],
-        "random": rng.permutation(idx)[:k],
-    }
-    out = {}
-    for mode, chosen in picks.items():
-        mask_T = np.zeros(len(tau_T), bool)
-        mask_T[chosen] = True
-        out[mode] = mask_T
-    return out
-
-
-def redecode(model, tokens_BxT, valid_BxT, positions_BxT, start_B, steps: int) -> np.ndarray:
-    """Greedy re-decoding of `steps` tokens from column start_B[b] of each row, by full forward
-    passes (keys that are not valid are never attended; positions are given, so masking shifts
-    nothing). Column start_B[b] + j is overwritten by the j-th decoded token before step j + 1."""
-    tokens_BxT = np.array(tokens_BxT)
-    rows = np.arange(len(start_B))
-    decoded_BxW = np.zeros((len(start_B), steps), np.int32)
-    for j in range(steps):
-        logits_BxTxV = model(
-            tokens_BxT, valid_BxT=valid_BxT, positions_BxT=positions_BxT
-        ).logits_BxTxV
-        decoded_BxW[:, j] = np.asarray(jnp.argmax(logits_BxTxV[rows, start_B + j - 1], -1))
-        if j + 1 < steps:
-            tokens_BxT[rows, start_B + j] = decoded_BxW[:, j]
-    return decoded_BxW
-
-
-def run_config(run: pathlib.Path) -> QuickstartConfig:
-    """The settings a quickstart run was made with (its summary.json), not today's defaults."""
-    qs = QuickstartConfig()
-    if not (run / "summary.json").exists():
-        raise ValueError(f"{run} has no summary.json; run `python -m experiments.quickstart` first")
-    saved = json.loads((run / "summary.json").read_text())["config"]
-    task = {**saved["task"], "ops": tuple(saved["task"]["ops"])}
-    return dataclasses.replace(
-        qs,
-        policy=common.PolicyConfig(**saved["policy"]),
-        task=dataclasses.replace(qs.task, **task),
-        prompt_len=saved["prompt_len"],
-        max_new_tokens=saved["max_new_tokens"],
-    )
-
-
-def trained_samples(run: pathlib.Path, policy: str, responses: int, temperature: float, seed: int):
-    """(settings, task, policy, sampled responses to held-out prompts) of a quickstart run."""
-    qs = run_config(run)
-    task = ChainTask(qs.task)
-    model = common.load_policy(run / policy / "checkpoints", qs.policy)
-    got = evaluation.sample(
-        model,
-        task,
-        common.EVAL_START,
-        responses,
-        qs.prompt_len,
-        common.sampling_config(qs.max_new_tokens, temperature),
-        jax.random.PRNGKey(seed),
-    )
-    return qs, task, model, got
-
-
-def masking_table(title: str, result: dict) -> str:
-    lines = [title, "| masked | answer change | correctness flip |", "|---|---|---|"]
-    for mode in MODES:
-        r = result[mode]
-        lines.append(
-            f"| {mode} flow | {r['answer_change_rate']:.3f} | {r['correctness_flip_rate']:.3f} |"
-        )
-    return "\n".join(lines)
-
 
 def main(argv: list[str]) -> dict:
     cfg = overrides.apply(CausalConfig(), argv)
     run = pathlib.Path(cfg.run)
-    qs, task, model, got = trained_samples(
+    qs, task, model, got = common.trained_samples(
         run, cfg.policy, cfg.responses, cfg.temperature, cfg.seed
     )
-    tau_BxT, _ = evaluation.throughput(model, got.batch, train.StepConfig().capture)
+    tau_BxT, _ = evaluation.throughput(model, got.batch, capture.CaptureSpec())
     tau_BxT = np.asarray(tau_BxT)
     batch = got.batch
     answer_BxT = np.asarray(batch.answer_mask_BxT)
@@ -148,7 +66,8 @@ def main(argv: list[str]) -> dict:
         rows.append(b)
         starts.append(start)
         widths.append(int(answer_BxT[b].sum()))
-        for mode, mask_T in masked_sets(tau_BxT[b], reasoning_T, cfg.fraction, choose).items():
+        chosen = common.masked_sets(tau_BxT[b], reasoning_T, cfg.fraction, choose)
+        for mode, mask_T in chosen.items():
             masks[mode].append(mask_T)
     if not rows:
         raise ValueError(
@@ -162,7 +81,7 @@ def main(argv: list[str]) -> dict:
     args = (model, tokens_RxT)
     # The baseline is the same greedy re-decoding without a mask (the sampled answer may differ
     # from the greedy one even before any masking).
-    base_RxW = redecode(*args, valid_BxT[rows], positions_BxT[rows], starts, width)
+    base_RxW = common.redecode(*args, valid_BxT[rows], positions_BxT[rows], starts, width)
 
     def correct(decoded_RxW) -> np.ndarray:
         out = []
@@ -177,7 +96,7 @@ def main(argv: list[str]) -> dict:
     answered, correct_count = len(rows), int(correct_R.sum())
     counts = {}
     for mode in MODES:
-        decoded_RxW = redecode(
+        decoded_RxW = common.redecode(
             *args, valid_BxT[rows] & ~np.stack(masks[mode]), positions_BxT[rows], starts, width
         )
         changed_R = np.any((decoded_RxW != base_RxW) & answer_RxW, -1)
@@ -194,7 +113,7 @@ def main(argv: list[str]) -> dict:
             for mode, c in counts.items()
         },
     }
-    text = masking_table(
+    text = common.masking_table(
         f"causal masking of {cfg.fraction:.0%} of the reasoning tokens ({answered} responses "
         f"with an answer, {correct_count} of them correct unmasked; policy {run / cfg.policy})",
         result,

@@ -1,4 +1,5 @@
-"""Pieces the experiments share: the tiny policy, warm-up with a checkpoint, RL runs, evaluation.
+"""Pieces the experiments share: the tiny policy and the chain RL setting, warm-up with a
+checkpoint, RL runs, evaluation, restoring a quickstart run, and the causal-masking helpers.
 
 Dims: B responses, T tokens (prompt slots + response slots).
 
@@ -14,18 +15,28 @@ import pathlib
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ftjax import credit, evaluation, loop, sampling, sft, train
+from ftjax import checkpoint, credit, evaluation, loop, overrides, rl, rollout, sft, train
 from ftjax.checkpoint import Checkpointer
 from ftjax.logging import MetricsLogger, read_jsonl
 from ftjax.models import config as model_config
 from ftjax.models.transformer import Transformer
+from ftjax.tasks.chain import ChainConfig, ChainTask
 from ftjax.tasks.vocab import EOS, PAD, VOCAB
 
 EVAL_START = 10**6
 WARMUP_START = 2 * 10**6
+
+
+def parse(default_cfg, argv: list[str]):
+    """The experiment's config from its command line. `--plugins a.py,b.py` (credit variants of
+    your own) are imported first, so their names are valid anywhere on the line."""
+    plugins = (overrides.peek(argv, "plugins") or "").split(",")
+    credit.load_plugins([path for path in plugins if path])
+    return overrides.apply(default_cfg, argv)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,9 +73,56 @@ def build_policy(cfg: PolicyConfig, seed: int) -> Transformer:
     return Transformer(cfg.model_config(), rngs=nnx.Rngs(seed))
 
 
-def sampling_config(max_new_tokens: int, temperature: float) -> sampling.SamplingConfig:
-    return sampling.SamplingConfig(
-        max_new_tokens=max_new_tokens, temperature=temperature, eos_ids=(EOS,), pad_id=PAD
+@dataclasses.dataclass(frozen=True)
+class QuickstartConfig:
+    """The quickstart's setting: chain task, tiny policy, warm-up, then RL per credit variant
+    (also the base setting of the credit suite and what the causal checks read back)."""
+
+    out: str = "runs/quickstart"
+    seed: int = 0
+    task: ChainConfig = ChainConfig(chain_length=3, distractors=2, ops=("+", "-"), max_constant=1)
+    policy: PolicyConfig = PolicyConfig(layers=3, hidden=128, heads=4)
+    warmup: sft.SFTConfig = sft.SFTConfig(steps=250, batch_size=32, lr=3e-3, warmup_steps=25)
+    credits: tuple[str, ...] = ("uniform", "flowtracer")
+    plugins: tuple[str, ...] = ()  # .py files to import first (your own credit variants)
+    rl_steps: int = 100
+    prompts_per_step: int = 8
+    group_size: int = 8
+    lr: float = 1e-4
+    temperature: float = 1.0
+    eval_prompts: int = 512
+    precision_responses: int = 256
+    prompt_len: int = 44
+    max_new_tokens: int = 44
+    progress: bool = True
+
+    def __post_init__(self):
+        for field in ("rl_steps", "eval_prompts", "precision_responses"):
+            if getattr(self, field) < 1:
+                raise ValueError(
+                    f"QuickstartConfig.{field} must be >= 1, got {getattr(self, field)}"
+                )
+
+
+def step_config(cfg: QuickstartConfig, credit_name: str) -> train.StepConfig:
+    return train.StepConfig(
+        group_size=cfg.group_size,
+        loss=rl.LossConfig(clip_high=0.28),
+        credit=credit.CreditConfig(name=credit_name),
+        optim=train.OptimConfig(lr=cfg.lr),
+    )
+
+
+def loop_config(cfg: QuickstartConfig) -> loop.LoopConfig:
+    return loop.LoopConfig(
+        steps=cfg.rl_steps,
+        prompts_per_step=cfg.prompts_per_step,
+        prompt_len=cfg.prompt_len,
+        sampling=rollout.sampling_config(ChainTask(cfg.task), cfg.max_new_tokens, cfg.temperature),
+        checkpoint_every=max(cfg.rl_steps // 2, 1),
+        keep_checkpoints=1,
+        seed=cfg.seed,
+        progress=cfg.progress,
     )
 
 
@@ -103,7 +161,8 @@ def warm_up(
         finally:
             logger.close()
         seconds = time.perf_counter() - started
-        checkpoints.save(cfg.steps, nnx.state(model, nnx.Param), {"step": cfg.steps})
+        meta = {"step": cfg.steps, "kind": checkpoint.PARAMS}
+        checkpoints.save(cfg.steps, nnx.state(model, nnx.Param), meta)
         return seconds
     finally:
         checkpoints.close()
@@ -118,18 +177,12 @@ def rl_run(
     run_dir: pathlib.Path,
 ) -> tuple[Transformer, dict[int, dict[str, float]]]:
     """RL from the warm-up parameters; resumes a run directory that has checkpoints. Returns
-    the trained policy and every step's metrics (read back from the run's JSONL)."""
+    the trained policy and every step's metrics (read back from the run's JSONL, so steps run
+    before a resume are there too)."""
     model = build_policy(policy, seed=0)
     nnx.update(model, warm_params)
-    loop.run(model, task, step_cfg, loop_cfg, run_dir)
-    restored = Checkpointer(run_dir / "checkpoints", keep=loop_cfg.keep_checkpoints)
-    try:
-        graphdef, state = train.init_state(model, step_cfg, jax.random.PRNGKey(loop_cfg.seed))
-        state, _ = restored.restore(state)
-    finally:
-        restored.close()
-    trained = nnx.merge(graphdef, state.params)
-    return trained, read_jsonl(run_dir / "metrics.jsonl")
+    result = loop.run(model, task, step_cfg, loop_cfg, run_dir)
+    return result.policy(), read_jsonl(run_dir / "metrics.jsonl")
 
 
 def write_result(out_dir: pathlib.Path, stem: str, result: dict, table: str) -> None:
@@ -158,9 +211,8 @@ def credit_precision(
 ) -> dict[str, float]:
     """precision@fraction of each variant's gamma against the task's ground-truth labels, on
     `count` sampled responses (temperature 1) to held-out prompts that have an answer span."""
-    got = evaluation.sample(
-        model, task, EVAL_START, count, prompt_len, sampling_config(max_new_tokens, 1.0), rng
-    )
+    sampled = rollout.sampling_config(task, max_new_tokens, 1.0)
+    got = evaluation.sample(model, task, EVAL_START, count, prompt_len, sampled, rng)
     labels_BxT = evaluation.task_labels(task, got)
     gammas = evaluation.credit_gammas(
         model, got.batch, variants, credit.CreditConfig(), train.StepConfig().capture, rng
@@ -180,21 +232,86 @@ def credit_precision(
 
 
 def load_policy(checkpoint_dir: pathlib.Path, policy: PolicyConfig) -> Transformer:
-    """The policy parameters of the latest checkpoint in `checkpoint_dir` (a warm-up's or an RL
-    run's)."""
-    model = build_policy(policy, seed=0)
-    checkpoints = Checkpointer(checkpoint_dir, keep=1)
-    try:
-        if checkpoints.latest_step() is None:
-            raise ValueError(f"no checkpoint in {checkpoint_dir}; run the quickstart first")
-        params = nnx.state(model, nnx.Param)
-        try:  # an RL run's checkpoint holds a whole train state
-            _, like = train.init_state(model, train.StepConfig(), jax.random.PRNGKey(0))
-            state, _ = checkpoints.restore(like)
-            params = state.params
-        except (ValueError, KeyError, TypeError):  # a warm-up checkpoint holds the params only
-            params, _ = checkpoints.restore(params)
-    finally:
-        checkpoints.close()
-    nnx.update(model, params)
+    """The policy of the latest checkpoint in `checkpoint_dir` (a warm-up's or an RL run's)."""
+    if not pathlib.Path(checkpoint_dir).is_dir():
+        raise ValueError(f"no checkpoint in {checkpoint_dir}; run the quickstart first")
+    model, _ = train.restore_policy(build_policy(policy, seed=0), checkpoint_dir)
     return model
+
+
+def run_config(run: pathlib.Path) -> QuickstartConfig:
+    """The settings a quickstart run was made with (its summary.json), not today's defaults."""
+    qs = QuickstartConfig()
+    if not (run / "summary.json").exists():
+        raise ValueError(f"{run} has no summary.json; run `python -m experiments.quickstart` first")
+    saved = json.loads((run / "summary.json").read_text())["config"]
+    task = {**saved["task"], "ops": tuple(saved["task"]["ops"])}
+    return dataclasses.replace(
+        qs,
+        policy=PolicyConfig(**saved["policy"]),
+        task=dataclasses.replace(qs.task, **task),
+        prompt_len=saved["prompt_len"],
+        max_new_tokens=saved["max_new_tokens"],
+    )
+
+
+def trained_samples(run: pathlib.Path, policy: str, responses: int, temperature: float, seed: int):
+    """(settings, task, policy, sampled responses to held-out prompts) of a quickstart run."""
+    qs = run_config(run)
+    task = ChainTask(qs.task)
+    model = load_policy(run / policy / "checkpoints", qs.policy)
+    sampled = rollout.sampling_config(task, qs.max_new_tokens, temperature)
+    got = evaluation.sample(
+        model, task, EVAL_START, responses, qs.prompt_len, sampled, jax.random.PRNGKey(seed)
+    )
+    return qs, task, model, got
+
+
+# ----------------------------------------------------------------------------- causal masking
+
+MASKING_MODES = ("top", "random", "bottom")
+
+
+def masked_sets(tau_T, eligible_T, fraction: float, rng) -> dict[str, np.ndarray]:
+    """Boolean masks (T,) of the top / random / bottom `fraction` of the eligible tokens."""
+    idx = np.flatnonzero(eligible_T)
+    k = credit.selection_count(len(idx), fraction) if len(idx) else 0
+    order = idx[np.argsort(-tau_T[idx], kind="stable")]  # ties: earlier first
+    picks = {
+        "top": order[:k],
+        "bottom": order[len(order) - k :],
+        "random": rng.permutation(idx)[:k],
+    }
+    out = {}
+    for mode, chosen in picks.items():
+        mask_T = np.zeros(len(tau_T), bool)
+        mask_T[chosen] = True
+        out[mode] = mask_T
+    return out
+
+
+def redecode(model, tokens_BxT, valid_BxT, positions_BxT, start_B, steps: int) -> np.ndarray:
+    """Greedy re-decoding of `steps` tokens from column start_B[b] of each row, by full forward
+    passes (keys that are not valid are never attended; positions are given, so masking shifts
+    nothing). Column start_B[b] + j is overwritten by the j-th decoded token before step j + 1."""
+    tokens_BxT = np.array(tokens_BxT)
+    rows = np.arange(len(start_B))
+    decoded_BxW = np.zeros((len(start_B), steps), np.int32)
+    for j in range(steps):
+        logits_BxTxV = model(
+            tokens_BxT, valid_BxT=valid_BxT, positions_BxT=positions_BxT
+        ).logits_BxTxV
+        decoded_BxW[:, j] = np.asarray(jnp.argmax(logits_BxTxV[rows, start_B + j - 1], -1))
+        if j + 1 < steps:
+            tokens_BxT[rows, start_B + j] = decoded_BxW[:, j]
+    return decoded_BxW
+
+
+def masking_table(title: str, result: dict) -> str:
+    lines = [title, "| masked | answer change | correctness flip |", "|---|---|---|"]
+    for mode in MASKING_MODES:
+        r = result[mode]
+        lines.append(
+            f"| {mode} flow | {r['answer_change_rate']:.3f} | {r['correctness_flip_rate']:.3f} |"
+        )
+    return "\n".join(lines)

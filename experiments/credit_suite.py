@@ -30,8 +30,7 @@ import numpy as np
 from flax import nnx
 
 from experiments import common
-from experiments.quickstart import QuickstartConfig, loop_config, step_config
-from ftjax import credit, evaluation, overrides, sft, tasks
+from ftjax import credit, evaluation, rollout, sft, tasks
 from ftjax.logging import read_jsonl
 from ftjax.tasks.countdown import CountdownConfig
 
@@ -60,10 +59,11 @@ class SuiteConfig:
     seeds: int = 5
     tasks: tuple[str, ...] = ("chain", "countdown")
     credits: tuple[str, ...] = BUILT_IN
+    plugins: tuple[str, ...] = ()  # .py files to import first (your own credit variants)
     rl_steps: int = 40
     eval_prompts: int = 256
     precision_responses: int = 128
-    base: QuickstartConfig = QuickstartConfig(progress=False)
+    base: common.QuickstartConfig = common.QuickstartConfig(progress=False)
     countdown: CountdownConfig = CountdownConfig(num_numbers=3, max_number=9, max_target=30)
     countdown_warmup: sft.SFTConfig = sft.SFTConfig(
         steps=400, batch_size=32, lr=3e-3, warmup_steps=40
@@ -72,8 +72,6 @@ class SuiteConfig:
     countdown_setting: TaskSetting = TaskSetting(prompt_len=12, max_new_tokens=24, target=0.2)
 
     def __post_init__(self):
-        for name in self.credits:
-            credit.get(name)
         for name in self.tasks:
             if name not in tasks.TASKS:
                 raise ValueError(f"unknown task {name!r}; known: {sorted(tasks.TASKS)}")
@@ -115,18 +113,18 @@ def run_one(cfg: SuiteConfig, task_name: str, seed: int, name: str, warm_params,
         warm_params,
         qs.policy,
         task,
-        step_config(qs, name),
-        loop_config(qs),
+        common.step_config(qs, name),
+        common.loop_config(qs),
         run_dir,
     )
     rng = jax.random.PRNGKey(seed + 7)
     args = (model, task, common.EVAL_START, cfg.eval_prompts, setting.prompt_len)
     result = {
         "accuracy": evaluation.accuracy(
-            *args, common.sampling_config(setting.max_new_tokens, 1.0), rng
+            *args, rollout.sampling_config(task, setting.max_new_tokens, 1.0), rng
         ),
         "accuracy_greedy": evaluation.accuracy(
-            *args, common.sampling_config(setting.max_new_tokens, 0.0), rng
+            *args, rollout.sampling_config(task, setting.max_new_tokens, 0.0), rng
         ),
         "steps_to_target": steps_to_target(
             [history[s]["reward_mean"] for s in sorted(history)], setting.target
@@ -181,7 +179,10 @@ def table(cfg: SuiteConfig, results: dict) -> str:
 
 
 def main(argv: list[str]) -> str:
-    cfg = overrides.apply(SuiteConfig(), argv)
+    cfg = common.parse(SuiteConfig(), argv)
+    credit.load_plugins(cfg.base.plugins)
+    for name in cfg.credits:
+        credit.get(name)  # unknown names fail here, before any work
     out = pathlib.Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -206,7 +207,7 @@ def main(argv: list[str]) -> str:
                 common.EVAL_START,
                 cfg.eval_prompts,
                 setting.prompt_len,
-                common.sampling_config(setting.max_new_tokens, 1.0),
+                rollout.sampling_config(task, setting.max_new_tokens, 1.0),
                 jax.random.PRNGKey(seed + 7),
             )
             warm_params = nnx.state(model, nnx.Param)

@@ -24,10 +24,11 @@ import jax
 import numpy as np
 
 from experiments import common
-from experiments.causal_masking import MODES, masked_sets, masking_table, redecode
-from ftjax import capture, flow, loop, overrides, sampling
+from experiments.common import MASKING_MODES as MODES
+from experiments.common import masked_sets, masking_table, redecode
+from ftjax import capture, flow, overrides, rollout, sampling
 from ftjax.models import pretrained
-from ftjax.text_task import token_offsets
+from ftjax.tasks.text import token_offsets
 
 SHOTS = (
     "x = 4. y = 7. z = x + 2. What is z?\nz = x + 2 = 4 + 2 = 6. Answer: 6\n\n"
@@ -79,9 +80,9 @@ def main(argv: list[str]) -> dict:
     questions = [problem(i, cfg.seed) for i in range(cfg.problems)]
     prompts = [tok.encode(SHOTS + q) for q, _ in questions]
     P = max(map(len, prompts))
-    prompt_BxP, valid_BxP = loop.left_pad(prompts, P, 0)
+    prompt_BxP, valid_BxP = rollout.left_pad(prompts, P, 0)
     eos = (*model.cfg.eos_token_ids, newline)
-    rollout = sampling.generate(
+    generated = sampling.generate(
         model,
         prompt_BxP,
         valid_BxP,
@@ -90,7 +91,7 @@ def main(argv: list[str]) -> dict:
     )
     rows = []  # (row, tokens_T, valid_T, answer start, answer width, reasoning_T, truth)
     for b, (_, truth) in enumerate(questions):
-        response = np.asarray(rollout.tokens_BxN[b, : int(rollout.lengths_B[b])]).tolist()
+        response = np.asarray(generated.tokens_BxN[b, : int(generated.lengths_B[b])]).tolist()
         text = tok.decode(response)
         match = re.search(r"Answer:\s*(\d+)", text)
         if match is None:

@@ -30,21 +30,16 @@ import json
 import pathlib
 import sys
 
-from experiments.evaluate import (
-    EvalConfig,
-    PromptConfig,
-    build_task,
-    evaluate_task,
-    pad_id,
-    stop_ids,
-)
-from ftjax import loop, multihost, overrides
+from experiments import common
+from ftjax import credit, evaluation, loop, multihost
 from ftjax.credit import CreditConfig
-from ftjax.data import DataConfig
+from ftjax.evaluation import EvalConfig
 from ftjax.loop import LoopConfig
 from ftjax.models import pretrained
 from ftjax.rl import LossConfig
 from ftjax.sampling import SamplingConfig
+from ftjax.tasks.data import DataConfig
+from ftjax.tasks.prompts import PromptConfig, build_task
 from ftjax.train import OptimConfig, StepConfig
 
 
@@ -70,6 +65,7 @@ class MathRLConfig:
     compute_dtype: str | None = None
     run_dir: str = "runs/math_rl"
     multihost: bool = False  # call jax.distributed.initialize() (one process per host)
+    plugins: tuple[str, ...] = ()  # .py files to import first (your own credit variants)
     data: DataConfig = DataConfig("data/arith/train.jsonl", preset="gsm8k")
     prompt: PromptConfig = PromptConfig()
     step: StepConfig = StepConfig(
@@ -94,7 +90,8 @@ def _append_jsonl(path: pathlib.Path, record: dict) -> None:
 
 
 def main(argv: list[str]) -> dict[int, dict[str, float]]:
-    cfg = overrides.apply(MathRLConfig(), argv)
+    cfg = common.parse(MathRLConfig(), argv)
+    credit.get(cfg.step.credit.name)  # an unknown name fails here, before any work
     multihost.initialize(cfg.multihost)
     policy = pretrained.load(cfg.model, cfg.param_dtype, cfg.compute_dtype)
     shots = cfg.prompt.load_shots(cfg.data, default_path=cfg.data.path)
@@ -109,9 +106,7 @@ def main(argv: list[str]) -> dict[int, dict[str, float]]:
         print(f"skipped {problem}", file=sys.stderr)
     loop_cfg = dataclasses.replace(
         cfg.loop,
-        sampling=dataclasses.replace(
-            cfg.loop.sampling, eos_ids=stop_ids(policy, task), pad_id=pad_id(policy)
-        ),
+        sampling=dataclasses.replace(cfg.loop.sampling, eos_ids=task.stop_ids, pad_id=task.pad_id),
     )
     run_dir = pathlib.Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -128,7 +123,7 @@ def main(argv: list[str]) -> dict[int, dict[str, float]]:
     )
 
     def evaluate(model, step: int) -> dict[str, float]:
-        metrics = evaluate_task(model, policy, held_out, cfg.eval)
+        metrics = evaluation.held_out(model, held_out, cfg.eval)
         if main_process:
             _append_jsonl(run_dir / "eval.jsonl", {"step": step, **metrics})
             print(f"eval at step {step}: {metrics}", flush=True)
@@ -140,7 +135,7 @@ def main(argv: list[str]) -> dict[int, dict[str, float]]:
     hook = None
     if held_out is not None:
         hook = loop.Evaluation(every=cfg.eval.every, fn=evaluate)
-    return loop.run(policy.model, task, cfg.step, loop_cfg, run_dir, evaluation=hook)
+    return loop.run(policy.model, task, cfg.step, loop_cfg, run_dir, evaluation=hook).history
 
 
 if __name__ == "__main__":

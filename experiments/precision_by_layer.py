@@ -19,7 +19,6 @@ import jax
 import numpy as np
 
 from experiments import common
-from experiments.causal_masking import trained_samples
 from ftjax import capture, credit, evaluation, flow, overrides, train
 
 
@@ -34,7 +33,7 @@ class LayerConfig:
 def main(argv: list[str]) -> dict:
     cfg = overrides.apply(LayerConfig(), argv)
     run = pathlib.Path(cfg.run)
-    qs, task, model, got = trained_samples(run, cfg.policy, cfg.responses, 1.0, cfg.seed)
+    qs, task, model, got = common.trained_samples(run, cfg.policy, cfg.responses, 1.0, cfg.seed)
     rng = jax.random.PRNGKey(cfg.seed)
     labels_BxT = evaluation.task_labels(task, got)
     answer_BxT = np.asarray(got.batch.answer_mask_BxT)

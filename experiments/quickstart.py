@@ -20,7 +20,6 @@ On 2 CPU cores it takes about 5 minutes (9.5 measured, install included, on shar
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import pathlib
 import sys
@@ -30,76 +29,25 @@ import jax
 import numpy as np
 from flax import nnx
 
-from experiments import common, pictures
-from ftjax import credit, evaluation, loop, overrides, rl, sft, train
-from ftjax.tasks.chain import ChainConfig, ChainTask
+from experiments import common
+from ftjax import capture, credit, evaluation, flow, rollout, viz
+from ftjax.tasks.chain import ChainTask
+from ftjax.tasks.vocab import VOCAB
+
+CURVE_KEYS = [
+    "reward_mean",
+    "loss",
+    "entropy",
+    "credit/selected_fraction",
+    "grad_norm",
+    "response_length",
+]
 
 
-@dataclasses.dataclass(frozen=True)
-class QuickstartConfig:
-    out: str = "runs/quickstart"
-    seed: int = 0
-    task: ChainConfig = ChainConfig(chain_length=3, distractors=2, ops=("+", "-"), max_constant=1)
-    policy: common.PolicyConfig = common.PolicyConfig(layers=3, hidden=128, heads=4)
-    warmup: sft.SFTConfig = sft.SFTConfig(steps=250, batch_size=32, lr=3e-3, warmup_steps=25)
-    credits: tuple[str, ...] = ("uniform", "flowtracer")
-    plugins: tuple[str, ...] = ()  # .py files to import first (your own credit variants)
-    rl_steps: int = 100
-    prompts_per_step: int = 8
-    group_size: int = 8
-    lr: float = 1e-4
-    temperature: float = 1.0
-    eval_prompts: int = 512
-    precision_responses: int = 256
-    prompt_len: int = 44
-    max_new_tokens: int = 44
-    progress: bool = True
-
-    def __post_init__(self):
-        for field in ("rl_steps", "eval_prompts", "precision_responses"):
-            if getattr(self, field) < 1:
-                raise ValueError(
-                    f"QuickstartConfig.{field} must be >= 1, got {getattr(self, field)}"
-                )
-
-
-def load_plugins(paths) -> None:
-    """Import each file (e.g. one that registers a credit variant with `credit.register`)."""
-    for path in paths:
-        path = pathlib.Path(path)
-        if not path.is_file():
-            raise ValueError(f"plugin {str(path)!r} is not a file")
-        spec = importlib.util.spec_from_file_location(f"ftjax_plugin_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-
-
-def step_config(cfg: QuickstartConfig, credit_name: str) -> train.StepConfig:
-    return train.StepConfig(
-        group_size=cfg.group_size,
-        loss=rl.LossConfig(clip_high=0.28),
-        credit=credit.CreditConfig(name=credit_name),
-        optim=train.OptimConfig(lr=cfg.lr),
-    )
-
-
-def loop_config(cfg: QuickstartConfig) -> loop.LoopConfig:
-    return loop.LoopConfig(
-        steps=cfg.rl_steps,
-        prompts_per_step=cfg.prompts_per_step,
-        prompt_len=cfg.prompt_len,
-        sampling=common.sampling_config(cfg.max_new_tokens, cfg.temperature),
-        checkpoint_every=max(cfg.rl_steps // 2, 1),
-        keep_checkpoints=1,
-        seed=cfg.seed,
-        progress=cfg.progress,
-    )
-
-
-def evaluate(model, task, cfg: QuickstartConfig, variants) -> dict[str, float]:
+def evaluate(model, task, cfg: common.QuickstartConfig, variants) -> dict[str, float]:
     rng = jax.random.PRNGKey(cfg.seed + 7)
-    greedy = common.sampling_config(cfg.max_new_tokens, 0.0)
-    sampled = common.sampling_config(cfg.max_new_tokens, cfg.temperature)
+    greedy = rollout.sampling_config(task, cfg.max_new_tokens, 0.0)
+    sampled = rollout.sampling_config(task, cfg.max_new_tokens, cfg.temperature)
     args = (task, common.EVAL_START, cfg.eval_prompts, cfg.prompt_len)
     out = {
         "accuracy_greedy": evaluation.accuracy(model, *args, greedy, rng),
@@ -135,9 +83,95 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _samples(model, task, prompt_len, max_new_tokens, rng, count):
+    got = evaluation.sample(
+        model,
+        task,
+        common.EVAL_START,
+        count,
+        prompt_len,
+        rollout.sampling_config(task, max_new_tokens, 1.0),
+        rng,
+    )
+    spec = capture.CaptureSpec()
+    tau_BxT, attn_BxTxT = evaluation.throughput(model, got.batch, spec)
+    gamma_BxT = evaluation.credit_gammas(
+        model, got.batch, ["flowtracer"], credit.CreditConfig(), spec, rng
+    )["flowtracer"]
+    return got, np.asarray(tau_BxT), np.asarray(attn_BxTxT), gamma_BxT
+
+
+def token_samples(task, got, tau_BxT, gamma_BxT, rows) -> list[viz.TokenSample]:
+    batch, L = got.batch, got.prompt_slots
+    out = []
+    for b in rows:
+        prompt, response = got.prompts[b], got.responses[b]
+        n = len(response)
+        labels = task.labels(prompt, response)
+        reward = float(batch.rewards_B[b])
+        out.append(
+            viz.TokenSample(
+                title=f"held-out prompt {b}",
+                prompt_tokens=VOCAB.token_strings(prompt),
+                response_tokens=VOCAB.token_strings(response),
+                throughput=tau_BxT[b, L : L + n].tolist(),
+                selected=(gamma_BxT[b, L : L + n] > 1.0).tolist(),
+                answer=np.asarray(batch.answer_mask_BxT)[b, L : L + n].tolist(),
+                essential=labels,
+                reward=reward,
+            )
+        )
+    return out
+
+
+def backbone_png(path, got, attn_BxTxT, b: int, k: int = 12) -> pathlib.Path:
+    """Flow backbone of response b, traced on its real tokens only (padding dropped)."""
+    batch = got.batch
+    valid_T = np.asarray(batch.prompt_mask_BxT[b] | batch.response_mask_BxT[b])
+    keep = np.flatnonzero(valid_T)
+    attn_1xTxT = attn_BxTxT[b][np.ix_(keep, keep)][None]
+    source_1xT = np.asarray(batch.prompt_mask_BxT)[b, keep][None]
+    sink_1xT = np.asarray(batch.answer_mask_BxT)[b, keep][None]
+    tr = flow.trace(attn_1xTxT, source_1xT, sink_1xT)
+    bb = jax.device_get(flow.backbone(attn_1xTxT, tr, k=min(k, len(keep))))
+    edges = [
+        (int(s), int(d), float(f))
+        for s, d, f in zip(bb.edge_src_BxK[0], bb.edge_dst_BxK[0], bb.edge_flow_BxK[0], strict=True)
+        if f > 0
+    ]
+    tokens = VOCAB.token_strings(np.asarray(batch.tokens_BxT)[b, keep])
+    return viz.plot_backbone_png(
+        path,
+        tokens,
+        np.asarray(tr.throughput_BxT)[0].tolist(),
+        edges,
+        source_1xT[0].tolist(),
+        sink_1xT[0].tolist(),
+        title=f"flow backbone of one correct response (top {len(edges)} edges by flow)",
+    )
+
+
+def write_pictures(
+    out: pathlib.Path, model, task, histories, prompt_len, max_new_tokens, rng, count: int = 8
+):
+    """curves.png, credit.html, credit.png and backbone.png under `out`."""
+    keys = [k for k in CURVE_KEYS if any(k in m for h in histories.values() for m in h.values())]
+    viz.plot_curves_png(out / "curves.png", histories, keys, "RL from the same warm-up")
+    got, tau_BxT, attn_BxTxT, gamma_BxT = _samples(
+        model, task, prompt_len, max_new_tokens, rng, count
+    )
+    samples = token_samples(task, got, tau_BxT, gamma_BxT, range(count))
+    title = "FlowTracer throughput on sampled responses of the RL-trained policy"
+    viz.write_credit_html(out / "credit.html", samples, title)
+    viz.plot_credit_png(out / "credit.png", samples, title)
+    rewards = np.asarray(got.batch.rewards_B)
+    answered = np.asarray(got.batch.answer_mask_BxT).any(-1)
+    pick = int(np.argmax(rewards + answered))  # a correct response if there is one
+    backbone_png(out / "backbone.png", got, attn_BxTxT, pick)
+
+
 def main(argv: list[str]) -> dict:
-    cfg = overrides.apply(QuickstartConfig(), argv)
-    load_plugins(cfg.plugins)
+    cfg = common.parse(common.QuickstartConfig(), argv)
     for name in cfg.credits:
         credit.get(name)  # unknown names fail here, before any work
     out = pathlib.Path(cfg.out)
@@ -165,8 +199,8 @@ def main(argv: list[str]) -> dict:
             warm_params,
             cfg.policy,
             task,
-            step_config(cfg, name),
-            loop_config(cfg),
+            common.step_config(cfg, name),
+            common.loop_config(cfg),
             out / f"rl_{name}",
         )
         runs[name] = evaluate(trained[name], task, cfg, variants)
@@ -180,7 +214,7 @@ def main(argv: list[str]) -> dict:
 
     print("[3/3] pictures", flush=True)
     shown = "flowtracer" if "flowtracer" in trained else cfg.credits[-1]
-    pictures.write_all(
+    write_pictures(
         out,
         trained[shown],
         task,

@@ -1,7 +1,8 @@
 """Orbax checkpoints of everything a run needs to continue exactly; atomic, N latest kept.
 
-A checkpoint holds the train state (params, optimiser state, step, rng, non-finite streak) and a
-JSON record of the loop's position (data/task iterator position, metric step, ...). Orbax writes
+A checkpoint holds a state (an RL run's whole train state, or a warm-up's parameters alone) and a
+JSON record: the step, and `kind` (`TRAIN_STATE` or `PARAMS`), which says which of the two the
+state is, so a policy is restored from either without guessing. Orbax writes
 into a temporary directory and renames it when complete, so a crash or SIGKILL mid-write leaves the
 previous checkpoint as the latest loadable one. A state with a non-finite value is never written.
 
@@ -18,6 +19,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+TRAIN_STATE, PARAMS = "train_state", "params"  # the `kind` a checkpoint's record names
 
 
 class Checkpointer:
@@ -66,6 +69,14 @@ class Checkpointer:
         )
         restored = self._manager.restore(step, args=args)
         return restored.state, restored.meta
+
+    def meta(self, step: int | None = None) -> dict[str, Any]:
+        """The JSON record of checkpoint `step` (default: the latest complete one), alone."""
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self.all_steps():
+            raise ValueError(f"no complete checkpoint for step {step} in {self.directory}")
+        args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+        return self._manager.restore(step, args=args).meta
 
     def close(self) -> None:
         self._manager.close()

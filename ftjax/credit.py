@@ -13,7 +13,9 @@ only those (attention capture is the expensive one):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import importlib.util
+import pathlib
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 
 import jax
@@ -23,7 +25,6 @@ from ftjax import flow
 
 _INPUT_FIELDS = (
     "attn_BxTxT",
-    "attn_layers_LxBxTxT",
     "log_probs_BxT",
     "entropy_BxT",
     "tokens_BxT",
@@ -39,15 +40,13 @@ class CreditInputs:
     Masks are bool B x T: prompt (question, FlowTracer's source), response (the trained tokens),
     answer (the answer span inside the response, FlowTracer's sink); non-padding is
     prompt | response.
-    attn_BxTxT[b, k, i]: captured attention query k pays key i (mean over captured heads/layers);
-    attn_layers_LxBxTxT: per-layer maps for variants that need them.
+    attn_BxTxT[b, k, i]: captured attention query k pays key i (mean over captured heads/layers).
     """
 
     prompt_mask_BxT: jax.Array
     response_mask_BxT: jax.Array
     answer_mask_BxT: jax.Array
     attn_BxTxT: jax.Array | None = None
-    attn_layers_LxBxTxT: jax.Array | None = None
     log_probs_BxT: jax.Array | None = None
     entropy_BxT: jax.Array | None = None
     tokens_BxT: jax.Array | None = None
@@ -137,6 +136,25 @@ def get(name: str) -> Variant:
 
 def names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
+
+
+def load_plugins(paths: Sequence[str | pathlib.Path]) -> None:
+    """Import each Python file, e.g. one whose functions `register` credit variants; every
+    experiment that trains does this for its `--plugins`. A file already imported is skipped."""
+    for path in paths:
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise ValueError(f"plugin {str(path)!r} is not a file")
+        name = f"ftjax_plugin_{path.resolve().as_posix().replace('/', '_').replace('.', '_')}"
+        if name in _PLUGINS:
+            continue
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _PLUGINS[name] = module
+
+
+_PLUGINS: dict[str, object] = {}
 
 
 def compute(inputs: CreditInputs, cfg: CreditConfig) -> jax.Array:

@@ -1,5 +1,6 @@
-"""Evaluation: accuracy on held-out prompts, and how precisely a credit variant finds the tokens
-that matter (against a task's ground-truth labels, never against anything the credit produced).
+"""Evaluation: accuracy on held-out prompts (greedy pass@1, avg@k, pass@k), and how precisely a
+credit variant finds the tokens that matter (against a task's ground-truth labels, never against
+anything the credit produced).
 
 Dims: B responses, T tokens (prompt slots + response slots).
 """
@@ -16,7 +17,7 @@ from flax import nnx
 
 from ftjax import capture as capture_lib
 from ftjax import credit as credit_lib
-from ftjax import loop, sampling, train
+from ftjax import rollout, sampling, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +32,7 @@ class Sampled:
 
 def sample(
     model: nnx.Module,
-    task: loop.Task,
+    task: rollout.Task,
     start: int,
     count: int,
     prompt_len: int,
@@ -39,10 +40,10 @@ def sample(
     rng,
 ) -> Sampled:
     prompts = task.prompts(start, count)
-    prompt_BxL, valid_BxL = loop.left_pad(prompts, prompt_len, cfg.pad_id)
-    rollout = sampling.generate(model, prompt_BxL, valid_BxL, rng, cfg)
-    batch = loop.rollout_batch(task, prompts, rollout, prompt_BxL, valid_BxL, group_size=1)
-    tokens_BxN, lengths_B = np.asarray(rollout.tokens_BxN), np.asarray(rollout.lengths_B)
+    prompt_BxL, valid_BxL = rollout.left_pad(prompts, prompt_len, cfg.pad_id)
+    generated = sampling.generate(model, prompt_BxL, valid_BxL, rng, cfg)
+    batch = rollout.rollout_batch(task, prompts, generated, prompt_BxL, valid_BxL, group_size=1)
+    tokens_BxN, lengths_B = np.asarray(generated.tokens_BxN), np.asarray(generated.lengths_B)
     responses = [tokens_BxN[b, : lengths_B[b]].tolist() for b in range(len(prompts))]
     return Sampled(prompts, batch, responses, prompt_len)
 
@@ -62,14 +63,51 @@ def rewards_k(
     rewards = []
     for offset in range(0, count, chunk):
         prompts = task.prompts(start + offset, min(chunk, count - offset))
-        prompt_PxL, valid_PxL = loop.left_pad(prompts, prompt_len, cfg.pad_id)
+        prompt_PxL, valid_PxL = rollout.left_pad(prompts, prompt_len, cfg.pad_id)
         prompt_BxL, valid_BxL = np.repeat(prompt_PxL, k, 0), np.repeat(valid_PxL, k, 0)
-        rollout = sampling.generate(
+        generated = sampling.generate(
             model, prompt_BxL, valid_BxL, jax.random.fold_in(rng, offset), cfg
         )
-        batch = loop.rollout_batch(task, prompts, rollout, prompt_BxL, valid_BxL, group_size=k)
+        batch = rollout.rollout_batch(task, prompts, generated, prompt_BxL, valid_BxL, group_size=k)
         rewards.append(np.asarray(batch.rewards_B).reshape(len(prompts), k))
     return np.concatenate(rewards)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Held-out metrics over the first `problems` prompts of a task: pass@1 by greedy decoding,
+    avg@k (mean reward of k samples at `temperature`) and pass@k."""
+
+    problems: int = 64
+    k: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    prompt_len: int = 256  # prompt slots; longer prompts are reported and left out
+    chunk: int = 16  # problems per generate call
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("problems", "k", "max_new_tokens", "prompt_len", "chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EvalConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+def held_out(model, task, cfg: EvalConfig) -> dict[str, float]:
+    """pass@1 (greedy), avg@k and pass@k over the task's first `cfg.problems` prompts (all of
+    them when the task is shorter), and how many were used."""
+    count = min(cfg.problems, len(task)) if hasattr(task, "__len__") else cfg.problems
+    rng = jax.random.PRNGKey(cfg.seed)
+    greedy = rollout.sampling_config(task, cfg.max_new_tokens, 0.0, cfg.top_p)
+    sampled = rollout.sampling_config(task, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+    greedy_Cx1 = rewards_k(model, task, 0, count, 1, cfg.prompt_len, greedy, rng, cfg.chunk)
+    sampled_CxK = rewards_k(model, task, 0, count, cfg.k, cfg.prompt_len, sampled, rng, cfg.chunk)
+    return {
+        "pass@1": float(greedy_Cx1.mean()),
+        f"avg@{cfg.k}": float(sampled_CxK.mean()),
+        f"pass@{cfg.k}": float((sampled_CxK > 0).any(-1).mean()),
+        "problems": float(count),
+    }
 
 
 def selection_probability(score_T, eligible_T, fraction: float) -> np.ndarray:
@@ -130,13 +168,11 @@ def credit_gammas(
     logp_BxT, entropy_BxT, attn_BxTxT = jax.jit(lambda m, b: train.sequence_log_probs(m, b, spec))(
         model, batch
     )
-    out = {}
-    for name in variants:
-        step_cfg = train.StepConfig(credit=dataclasses.replace(cfg, name=name))
-        out[name] = np.asarray(
-            train.credit_weights(batch, step_cfg, logp_BxT, entropy_BxT, attn_BxTxT, rng)
-        )
-    return out
+    inputs = train.credit_inputs(batch, attn_BxTxT, logp_BxT, entropy_BxT, rng)
+    return {
+        name: np.asarray(credit_lib.compute(inputs, dataclasses.replace(cfg, name=name)))
+        for name in variants
+    }
 
 
 def throughput(model, batch: train.Batch, spec: capture_lib.CaptureSpec, cfg=None):
@@ -145,11 +181,5 @@ def throughput(model, batch: train.Batch, spec: capture_lib.CaptureSpec, cfg=Non
     valid_BxT = batch.prompt_mask_BxT | batch.response_mask_BxT
     # Only the captured map is needed: no log-softmax over the vocabulary, unlike the loss path.
     attn_BxTxT = model(batch.tokens_BxT, valid_BxT=valid_BxT, capture=spec).attn_BxTxS
-    inputs = credit_lib.CreditInputs(
-        prompt_mask_BxT=batch.prompt_mask_BxT,
-        response_mask_BxT=batch.response_mask_BxT,
-        answer_mask_BxT=batch.answer_mask_BxT,
-        attn_BxTxT=attn_BxTxT,
-    )
-    tau_BxT, _ = credit_lib.throughput(inputs, cfg)
+    tau_BxT, _ = credit_lib.throughput(train.credit_inputs(batch, attn_BxTxT), cfg)
     return jnp.asarray(tau_BxT), attn_BxTxT

@@ -55,10 +55,9 @@ def _replace(cfg, path: list[str], text: str, key: str):
     return dataclasses.replace(cfg, **{name: _replace(getattr(cfg, name), path[1:], text, key)})
 
 
-def apply(cfg, argv: Sequence[str]):
-    """`cfg` with every `--dotted.key value` (or `--dotted.key=value`) of `argv` applied."""
-    args = list(argv)
-    i = 0
+def _pairs(argv: Sequence[str]) -> list[tuple[str, str]]:
+    """(key, text) of every `--key value` or `--key=value`, in order."""
+    args, pairs, i = list(argv), [], 0
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or len(arg) == 2:
@@ -71,5 +70,19 @@ def apply(cfg, argv: Sequence[str]):
                 raise ValueError(f"--{arg[2:]} needs a value")
             key, text = arg[2:], args[i + 1]
             i += 2
+        pairs.append((key, text))
+    return pairs
+
+
+def peek(argv: Sequence[str], key: str) -> str | None:
+    """The text of the last `--key` in argv, or None: for what must happen before the config is
+    built (importing `--plugins`, whose credit variants the config then validates)."""
+    texts = [text for k, text in _pairs(argv) if k == key]
+    return texts[-1] if texts else None
+
+
+def apply(cfg, argv: Sequence[str]):
+    """`cfg` with every `--dotted.key value` (or `--dotted.key=value`) of `argv` applied."""
+    for key, text in _pairs(argv):
         cfg = _replace(cfg, key.split("."), text, key)
     return cfg

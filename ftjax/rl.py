@@ -17,6 +17,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from ftjax import masked
+
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "constant")
 KL_ESTIMATORS = ("k1", "k3")
 
@@ -86,16 +88,13 @@ def aggregate(loss_BxT, mask_BxT, cfg: LossConfig):
     """Reduce per-token losses to one scalar as `cfg.aggregation` says (see module docstring)."""
     # where, not a product: a non-finite value at a masked position must not leak into the sum
     mask_BxT = mask_BxT.astype(bool)
-    masked_BxT = jnp.where(mask_BxT, loss_BxT, 0.0)
-    total = jnp.sum(masked_BxT)
     if cfg.aggregation == "token-mean":
-        return total / jnp.maximum(jnp.sum(mask_BxT), 1)
+        return masked.mean(loss_BxT, mask_BxT)
     if cfg.aggregation == "constant":
         B, T = mask_BxT.shape
-        return total / (B * (cfg.max_tokens or T))
-    count_B = jnp.sum(mask_BxT, axis=-1)
-    seq_B = jnp.sum(masked_BxT, axis=-1) / jnp.maximum(count_B, 1)
-    return jnp.sum(seq_B) / jnp.maximum(jnp.sum(count_B > 0), 1)
+        return jnp.sum(jnp.where(mask_BxT, loss_BxT, 0.0)) / (B * (cfg.max_tokens or T))
+    seq_B = masked.mean(loss_BxT, mask_BxT, axis=-1)
+    return masked.mean(seq_B, jnp.any(mask_BxT, axis=-1))
 
 
 def policy_loss(
@@ -118,12 +117,11 @@ def policy_loss(
     clipped_BxT = jnp.clip(ratio_BxT, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
     surrogate_BxT = -jnp.minimum(ratio_BxT * adv_BxT, clipped_BxT * adv_BxT)
     loss = aggregate(surrogate_BxT, mask_BxT, cfg)
-    count = jnp.maximum(jnp.sum(mask_BxT), 1)
-    was_clipped_BxT = (ratio_BxT * adv_BxT > clipped_BxT * adv_BxT) & mask_BxT
+    was_clipped_BxT = ratio_BxT * adv_BxT > clipped_BxT * adv_BxT
     metrics = {
         "pg_loss": loss,
-        "clip_fraction": jnp.sum(was_clipped_BxT) / count,
-        "ratio_mean": jnp.sum(jnp.where(mask_BxT, ratio_BxT, 0.0)) / count,
+        "clip_fraction": masked.mean(was_clipped_BxT, mask_BxT),
+        "ratio_mean": masked.mean(ratio_BxT, mask_BxT),
     }
     if cfg.kl_coef > 0:
         if ref_log_probs_BxT is None:
@@ -135,6 +133,14 @@ def policy_loss(
         metrics["kl"] = kl
     metrics["loss"] = loss
     return loss, metrics
+
+
+def next_token_log_probs(logits_BxTxV, tokens_BxT):
+    """log p(token_t | tokens_<t) and the entropy of the distribution that predicted token t, for
+    every position of the sequence; 0 at t = 0, which nothing predicts."""
+    logp_BxT, entropy_BxT = token_log_probs(logits_BxTxV[:, :-1], tokens_BxT[:, 1:])
+    pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)))  # noqa: E731
+    return pad(logp_BxT), pad(entropy_BxT)
 
 
 def token_log_probs(logits_BxTxV, targets_BxT):

@@ -14,13 +14,12 @@ import functools
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
-from ftjax import rl
-from ftjax.loop import left_pad
+from ftjax import masked, rl, train
+from ftjax.rollout import left_pad
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,17 +66,16 @@ def pack(pairs, prompt_slots: int, response_slots: int, pad_id: int):
 def loss(model, tokens_BxT, valid_BxT, target_BxT):
     """Mean cross-entropy of the target tokens given everything before them."""
     logits_BxTxV = model(tokens_BxT, valid_BxT=valid_BxT).logits_BxTxV
-    logp_BxT, _ = rl.token_log_probs(logits_BxTxV[:, :-1], tokens_BxT[:, 1:])
-    target_BxT = target_BxT[:, 1:]
-    return -jnp.sum(jnp.where(target_BxT, logp_BxT, 0.0)) / jnp.maximum(jnp.sum(target_BxT), 1)
+    logp_BxT, _ = rl.next_token_log_probs(logits_BxTxV, tokens_BxT)
+    # Column 0 predicts nothing (and is never a target): leave it out of the sum.
+    return -masked.mean(logp_BxT[:, 1:], target_BxT[:, 1:])
 
 
 def optimizer(cfg: SFTConfig) -> optax.GradientTransformation:
+    """The RL step's optimizer (clipping, AdamW) on a warm-up then cosine-decay schedule."""
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, cfg.steps)
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip),
-        optax.adamw(schedule, weight_decay=cfg.weight_decay),
-    )
+    adamw = train.OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+    return train.optimizer(adamw, schedule)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"), donate_argnums=(1, 2))

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from ftjax import checkpoint, masked, rl, sharding
 from ftjax import credit as credit_lib
-from ftjax import rl, sharding
 from ftjax.capture import NONE, CaptureSpec
+from ftjax.checkpoint import Checkpointer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,10 +77,19 @@ class Batch:
     gamma_BxT: jax.Array | None = None
 
 
-def optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+def optimizer(
+    cfg: OptimConfig, learning_rate: float | optax.Schedule | None = None
+) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW at `learning_rate` (default: cfg.lr; a schedule for the
+    supervised warm-up)."""
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
-        optax.adamw(cfg.lr, cfg.b1, cfg.b2, weight_decay=cfg.weight_decay),
+        optax.adamw(
+            cfg.lr if learning_rate is None else learning_rate,
+            cfg.b1,
+            cfg.b2,
+            weight_decay=cfg.weight_decay,
+        ),
     )
 
 
@@ -98,22 +109,31 @@ def sequence_log_probs(model, batch: Batch, spec: CaptureSpec):
     """Per-token log-probs and entropies of the batch's own tokens, and the captured map."""
     valid_BxT = batch.prompt_mask_BxT | batch.response_mask_BxT
     out = model(batch.tokens_BxT, valid_BxT=valid_BxT, capture=spec)
-    logp, entropy = rl.token_log_probs(out.logits_BxTxV[:, :-1], batch.tokens_BxT[:, 1:])
-    pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)))  # noqa: E731  (token 0 has no prediction)
-    return pad(logp), pad(entropy), out.attn_BxTxS
+    logp, entropy = rl.next_token_log_probs(out.logits_BxTxV, batch.tokens_BxT)
+    return logp, entropy, out.attn_BxTxS
 
 
-def credit_weights(batch: Batch, cfg: StepConfig, logp_BxT, entropy_BxT, attn_BxTxT, rng):
-    inputs = credit_lib.CreditInputs(
+def credit_inputs(
+    batch: Batch, attn_BxTxT=None, logp_BxT=None, entropy_BxT=None, rng=None
+) -> credit_lib.CreditInputs:
+    """The batch's masks and tokens with the signals a credit variant may read, all under
+    stop_gradient: credit never receives gradient."""
+    frozen = lambda x: None if x is None else jax.lax.stop_gradient(x)  # noqa: E731
+    return credit_lib.CreditInputs(
         prompt_mask_BxT=batch.prompt_mask_BxT,
         response_mask_BxT=batch.response_mask_BxT,
         answer_mask_BxT=batch.answer_mask_BxT,
-        attn_BxTxT=None if attn_BxTxT is None else jax.lax.stop_gradient(attn_BxTxT),
-        log_probs_BxT=jax.lax.stop_gradient(logp_BxT),
-        entropy_BxT=jax.lax.stop_gradient(entropy_BxT),
+        attn_BxTxT=frozen(attn_BxTxT),
+        log_probs_BxT=frozen(logp_BxT),
+        entropy_BxT=frozen(entropy_BxT),
         tokens_BxT=batch.tokens_BxT,
         rng=rng,
     )
+
+
+def credit_weights(batch: Batch, cfg: StepConfig, logp_BxT, entropy_BxT, attn_BxTxT, rng):
+    """gamma_BxT of the configured credit variant."""
+    inputs = credit_inputs(batch, attn_BxTxT, logp_BxT, entropy_BxT, rng)
     return credit_lib.compute(inputs, cfg.credit)
 
 
@@ -124,8 +144,7 @@ def _capture_spec(cfg: StepConfig, batch: Batch) -> CaptureSpec:
 
 def _credit_metrics(gamma_BxT, batch: Batch, entropy_BxT):
     response_BxT = batch.response_mask_BxT
-    count = jnp.maximum(jnp.sum(response_BxT), 1)
-    mean = lambda x: jnp.sum(jnp.where(response_BxT, x, 0.0)) / count  # noqa: E731
+    mean = lambda x: masked.mean(x, response_BxT)  # noqa: E731
     position_BxT = jnp.cumsum(response_BxT, axis=-1).astype(jnp.float32)
 
     def corr(x_BxT, y_BxT):
@@ -137,7 +156,7 @@ def _credit_metrics(gamma_BxT, batch: Batch, entropy_BxT):
     return {
         "credit/gamma_mean": mean(gamma_BxT),
         "credit/selected_fraction": mean((gamma_BxT > 1.0).astype(jnp.float32)),
-        "credit/no_answer_fraction": jnp.sum(no_answer_B) / jnp.maximum(jnp.sum(has_response_B), 1),
+        "credit/no_answer_fraction": masked.mean(no_answer_B, has_response_B),
         "credit/corr_entropy": corr(gamma_BxT, entropy_BxT),
         "credit/corr_position": corr(gamma_BxT, position_BxT),
         "entropy": mean(entropy_BxT),
@@ -207,24 +226,95 @@ def prepare(graphdef, state: TrainState, batch: Batch, cfg: StepConfig) -> Batch
     )
 
 
-def make_train_step(
-    graphdef, state: TrainState, batch: Batch, cfg: StepConfig, mesh: jax.sharding.Mesh
-):
-    """`train_step` jitted once for this mesh: state sharded FSDP-style and donated, batch over
-    (data, fsdp), metrics replicated. Returns (step_fn, state placed on the mesh)."""
-    sharding.check_batch(batch.tokens_BxT.shape[0], mesh)
-    state_shardings = TrainState(
+def state_shardings(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
+    """Parameters and optimiser state FSDP-sharded, the scalars replicated."""
+    return TrainState(
         params=sharding.tree_shardings(state.params, mesh),
         opt_state=sharding.tree_shardings(state.opt_state, mesh),
         step=sharding.replicated(mesh),
         rng=sharding.replicated(mesh),
         nonfinite_streak=sharding.replicated(mesh),
     )
-    batch_shardings = jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch)
+
+
+def _batch_shardings(batch: Batch, mesh: jax.sharding.Mesh) -> Batch:
+    return jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch)
+
+
+def make_train_step(
+    graphdef, state: TrainState, batch: Batch, cfg: StepConfig, mesh: jax.sharding.Mesh
+):
+    """`train_step` jitted once for this mesh: state sharded FSDP-style and donated, batch over
+    (data, fsdp), metrics replicated. Returns (step_fn, state placed on the mesh)."""
+    sharding.check_batch(batch.tokens_BxT.shape[0], mesh)
+    placed = state_shardings(state, mesh)
     step_fn = jax.jit(
         functools.partial(train_step, graphdef, cfg=cfg),
-        in_shardings=(state_shardings, batch_shardings),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        in_shardings=(placed, _batch_shardings(batch, mesh)),
+        out_shardings=(placed, sharding.replicated(mesh)),
         donate_argnums=0,
     )
-    return step_fn, jax.device_put(state, state_shardings)
+    return step_fn, jax.device_put(state, placed)
+
+
+def make_prepare(graphdef, state: TrainState, batch: Batch, cfg: StepConfig, mesh):
+    """`prepare` jitted for this mesh: fn(state, batch) -> batch with old log-probs and gamma
+    (state read, not donated). `batch` gives shapes (without gamma)."""
+    sharding.check_batch(batch.tokens_BxT.shape[0], mesh)
+    out = dataclasses.replace(batch, gamma_BxT=batch.old_log_probs_BxT)
+    return jax.jit(
+        functools.partial(prepare, graphdef, cfg=cfg),
+        in_shardings=(state_shardings(state, mesh), _batch_shardings(batch, mesh)),
+        out_shardings=_batch_shardings(out, mesh),
+    )
+
+
+def response_log_probs(graphdef, params: nnx.State, batch: Batch):
+    """log p(token_t | tokens_<t) of the batch's response tokens under `params` (0 elsewhere),
+    no capture: the KL reference's log-probs."""
+    logp_BxT, _, _ = sequence_log_probs(nnx.merge(graphdef, params), batch, NONE)
+    return jnp.where(batch.response_mask_BxT, logp_BxT, 0.0)
+
+
+def make_reference(graphdef, params: nnx.State, batch: Batch, mesh):
+    """The KL reference policy: a frozen copy of `params`, sharded like the policy's, and
+    fn(batch) -> ref_log_probs_BxT jitted for this mesh."""
+    placed = sharding.tree_shardings(params, mesh)
+    frozen = jax.device_put(jax.tree.map(jnp.copy, params), placed)
+    fn = jax.jit(
+        functools.partial(response_log_probs, graphdef),
+        in_shardings=(placed, _batch_shardings(batch, mesh)),
+        out_shardings=sharding.batch_sharding(mesh),
+    )
+    return lambda batch: fn(frozen, batch)
+
+
+def restore_policy(model: nnx.Module, checkpoint_dir) -> tuple[nnx.Module, int]:
+    """(`model` with the parameters of the latest checkpoint in `checkpoint_dir`, its step). The
+    checkpoint's record says what it holds: an RL run's whole train state (the optimiser's
+    structure does not depend on its settings, so the default config describes it) or a
+    warm-up's parameters alone."""
+    checkpoint_dir = pathlib.Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise ValueError(f"no checkpoint directory {checkpoint_dir}")
+    checkpoints = Checkpointer(checkpoint_dir, keep=1)
+    try:
+        if checkpoints.latest_step() is None:
+            raise ValueError(f"no checkpoint in {checkpoint_dir}")
+        meta = checkpoints.meta()
+        kind = meta.get("kind")
+        if kind == checkpoint.TRAIN_STATE:
+            graphdef, like = init_state(model, StepConfig(), jax.random.PRNGKey(0))
+            state, _ = checkpoints.restore(like)
+            params = state.params
+        elif kind == checkpoint.PARAMS:
+            graphdef, like = nnx.split(model, nnx.Param)
+            params, _ = checkpoints.restore(like)
+        else:
+            raise ValueError(
+                f"checkpoint in {checkpoint_dir} records kind {kind!r}, not "
+                f"{checkpoint.TRAIN_STATE!r} or {checkpoint.PARAMS!r} (written by an older ftjax?)"
+            )
+    finally:
+        checkpoints.close()
+    return nnx.merge(graphdef, params), int(meta["step"])

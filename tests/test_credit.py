@@ -8,11 +8,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference_credit as ref
+from absl.testing import parameterized
 
 from ftjax import credit
 from ftjax.credit import (
@@ -399,14 +401,17 @@ def test_selection_count_int(n, fraction, want):
     assert int(selection_count(n, fraction)) == want
 
 
-@pytest.mark.parametrize("fraction", [0.4, 0.07, 0.3, 0.6, 1.0, 0.2])
-def test_selection_count_array(fraction):
-    ns = [n for n, f, _ in COUNTS if f == fraction] + [0, 1, 2, 3, 17, 100, 999]
-    n_arr = jnp.asarray(ns, dtype=jnp.int32)
-    want = [ref.selection_count(n, fraction) for n in ns]
-    np.testing.assert_array_equal(np.asarray(selection_count(n_arr, fraction)), want)
-    jitted = jax.jit(lambda n: selection_count(n, fraction))(n_arr)
-    np.testing.assert_array_equal(np.asarray(jitted), want)
+class SelectionCountArrayTest(chex.TestCase):
+    """selection_count on an int32 array, eager and under jit (chex variants)."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(0.4, 0.07, 0.3, 0.6, 1.0, 0.2)
+    def test_selection_count_array(self, fraction):
+        ns = [n for n, f, _ in COUNTS if f == fraction] + [0, 1, 2, 3, 17, 100, 999]
+        n_arr = jnp.asarray(ns, dtype=jnp.int32)
+        want = [ref.selection_count(n, fraction) for n in ns]
+        got = self.variant(lambda n: selection_count(n, fraction))(n_arr)
+        np.testing.assert_array_equal(np.asarray(got), want)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,8 +580,8 @@ def test_batch_independence(variant):
     cfg = _cfg(variant)
     for window in (picks[:4], picks[2:]):
         got = run(stack_rows(*[(case(n), b) for n, b in window]), cfg)
-        for row, (n, b) in zip(got, window, strict=True):
-            np.testing.assert_allclose(row, gamma_of(n, cfg)[b], atol=1e-6, rtol=0)
+        want = [gamma_of(n, cfg)[b] for n, b in window]
+        chex.assert_trees_all_close(list(got), want, atol=1e-6, rtol=0)
 
 
 def _random_case() -> Case:

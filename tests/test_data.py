@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from ftjax.data import (
+from ftjax.tasks.data import (
     DEFAULT_INSTRUCTION,
     TEMPLATES,
     DataConfig,

@@ -10,7 +10,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from experiments import causal_masking, credit_suite, precision_by_layer, quickstart
+from experiments import causal_masking, common, credit_suite, precision_by_layer, quickstart
 from ftjax import credit
 from ftjax.logging import read_jsonl
 
@@ -140,7 +140,7 @@ def test_steps_to_target():
 def test_masked_sets_pick_the_right_tokens():
     tau = np.array([0.0, 0.9, 0.1, 0.5, 0.3, 0.7, 0.2, 0.0])
     eligible = np.array([0, 1, 1, 1, 1, 1, 1, 0], bool)  # 6 tokens: ceil(0.2 * 6) = 2 masked
-    sets = causal_masking.masked_sets(tau, eligible, 0.2, np.random.default_rng(0))
+    sets = common.masked_sets(tau, eligible, 0.2, np.random.default_rng(0))
     assert np.flatnonzero(sets["top"]).tolist() == [1, 5]
     assert np.flatnonzero(sets["bottom"]).tolist() == [2, 6]
     assert sets["random"].sum() == 2 and not (sets["random"] & ~eligible).any()
@@ -156,7 +156,7 @@ def test_redecode_without_a_mask_is_greedy_decoding():
     valid = tokens != 0
     positions = np.maximum(np.cumsum(valid, -1) - 1, 0)
     starts = np.array([4, 6])
-    got = causal_masking.redecode(m, tokens, valid, positions, starts, steps=2)
+    got = common.redecode(m, tokens, valid, positions, starts, steps=2)
     for row, start in enumerate(starts):  # greedy decoding of the prefix, one row at a time
         seq = tokens[row : row + 1, :start]
         for j in range(2):

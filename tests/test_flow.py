@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +26,11 @@ from reference_flow import (
 from ftjax.flow import Backbone, FlowTrace, backbone, conservation_error, edge_flow, trace
 
 ATOL = 1e-5
+# np.testing.assert_allclose's default rtol, passed to chex explicitly (chex's default is 1e-6).
+NP_RTOL = 1e-7
 BLOCK_SIZES = (1, 4, 16, 128)
+# The float fields of `as_numpy` other than log_reach (which has its own check, -inf aware).
+FLOWS = ("flow", "throughput", "injection")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -72,6 +77,11 @@ def as_numpy(tr: FlowTrace) -> dict[str, np.ndarray]:
     }
 
 
+def flows(d: dict, index=...) -> dict[str, np.ndarray]:
+    """The FLOWS fields of an `as_numpy` dict or a reference, each indexed, as one pytree."""
+    return {key: d[key][index] for key in FLOWS}
+
+
 def assert_log_reach_close(got, want, atol=ATOL, rtol=1e-6):
     """-inf exactly where the reference h == 0, close where it is positive."""
     dead = want == -np.inf
@@ -85,8 +95,7 @@ def assert_matches_reference(tr: FlowTrace, ref: dict, atol=ATOL):
     np.testing.assert_array_equal(got["valid"], ref["valid"])
     np.testing.assert_array_equal(got["sink"], ref["sink"])
     assert_log_reach_close(got["log_reach"], ref["log_reach"], atol=atol)
-    for key in ("injection", "flow", "throughput"):
-        np.testing.assert_allclose(got[key], ref[key], atol=atol, rtol=0, err_msg=key)
+    chex.assert_trees_all_close(flows(got), flows(ref), atol=atol, rtol=0)
 
 
 def sink_inflow(tr: FlowTrace) -> np.ndarray:
@@ -357,35 +366,23 @@ def test_output_structure_and_dtypes():
     tr = run(attn, src, snk, val, eager=True)
     assert isinstance(tr, FlowTrace)
     assert isinstance(jax.tree_util.tree_map(lambda x: x, tr), FlowTrace)  # a pytree
-    for name in (
-        "log_reach_BxT",
-        "flow_BxT",
-        "throughput_BxT",
-        "injection_BxT",
-        "sink_BxT",
-        "valid_BxT",
-    ):
-        assert getattr(tr, name).shape == (2, 12), name
-    assert tr.log_reach_BxT.dtype == jnp.float32
-    assert tr.injection_BxT.dtype == jnp.float32
-    assert tr.sink_BxT.dtype == jnp.bool_
-    assert tr.valid_BxT.dtype == jnp.bool_
-    assert edge_flow(jnp.asarray(attn), tr).shape == (2, 12, 12)
-    assert conservation_error(jnp.asarray(attn), tr).shape == (2,)
+    floats = [tr.log_reach_BxT, tr.flow_BxT, tr.throughput_BxT, tr.injection_BxT]
+    chex.assert_shape([*floats, tr.sink_BxT, tr.valid_BxT], (2, 12))
+    chex.assert_type([tr.log_reach_BxT, tr.injection_BxT], jnp.float32)
+    chex.assert_type([tr.sink_BxT, tr.valid_BxT], jnp.bool_)
+    chex.assert_shape(edge_flow(jnp.asarray(attn), tr), (2, 12, 12))
+    chex.assert_shape(conservation_error(jnp.asarray(attn), tr), (2,))
     bb = backbone(jnp.asarray(attn), tr, 3)
     assert isinstance(bb, Backbone)
-    for name in ("edge_src_BxK", "edge_dst_BxK", "hub_BxK"):
-        assert getattr(bb, name).shape == (2, 3)
-        assert getattr(bb, name).dtype == jnp.int32
-    assert bb.edge_flow_BxK.shape == bb.hub_throughput_BxK.shape == (2, 3)
+    indices = [bb.edge_src_BxK, bb.edge_dst_BxK, bb.hub_BxK]
+    chex.assert_shape([*indices, bb.edge_flow_BxK, bb.hub_throughput_BxK], (2, 3))
+    chex.assert_type(indices, jnp.int32)
 
 
 def test_valid_none_means_all_valid():
     attn, src, snk, _ = random_case(np.random.default_rng(1), 3, 40)
-    a = as_numpy(run(attn, src, snk))
-    b = as_numpy(run(attn, src, snk, np.ones((3, 40), bool)))
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    # The whole FlowTrace, every field (including the internal ones) identical.
+    chex.assert_trees_all_equal(run(attn, src, snk), run(attn, src, snk, np.ones((3, 40), bool)))
 
 
 # ----------------------------------------------------------------------------- random vs reference
@@ -400,8 +397,7 @@ def test_references_agree():
         T = attn.shape[-1]
         log = reference_trace_log(T, *dense_to_edges(attn[0]), src[0], snk[0], val[0])
         assert_log_reach_close(log["log_reach"], dense["log_reach"][0], atol=1e-10, rtol=0)
-        for key in ("injection", "flow", "throughput"):
-            np.testing.assert_allclose(log[key], dense[key][0], atol=1e-12)
+        chex.assert_trees_all_close(flows(log), flows(dense, 0), atol=1e-12, rtol=NP_RTOL)
         phi = np.zeros((T, T))
         phi[log["edge_dst"], log["edge_src"]] = log["edge_flow"]
         np.testing.assert_allclose(phi, dense["edge_flow"][0], atol=1e-12)
@@ -464,8 +460,9 @@ def test_block_size_does_not_change_results():
     for bs in (1, 4, 16, 39):
         other = as_numpy(run(attn, src, snk, val, block_size=bs))
         assert_log_reach_close(other["log_reach"], base["log_reach"])
-        for key in ("flow", "throughput", "injection"):
-            np.testing.assert_allclose(other[key], base[key], atol=ATOL, err_msg=f"{key} {bs}")
+        chex.assert_trees_all_close(
+            flows(other), flows(base), atol=ATOL, rtol=NP_RTOL, custom_message=f"block_size={bs}"
+        )
 
 
 def test_backbone_matches_sorted_reference():
@@ -533,13 +530,10 @@ def assert_finite_outputs(attn, tr: FlowTrace):
     got = as_numpy(tr)
     lr = got["log_reach"]
     assert not np.any(np.isnan(lr)) and not np.any(lr == np.inf)
-    for key in ("flow", "throughput", "injection"):
-        assert np.all(np.isfinite(got[key])), key
-    assert np.all(np.isfinite(phi_of(attn, tr)))
-    assert np.all(np.isfinite(err_of(attn, tr)))
     bb = top_of(attn, tr, 3)
-    assert np.all(np.isfinite(np.asarray(bb.edge_flow_BxK)))
-    assert np.all(np.isfinite(np.asarray(bb.hub_throughput_BxK)))
+    chex.assert_tree_all_finite(
+        [flows(got), phi_of(attn, tr), err_of(attn, tr), bb.edge_flow_BxK, bb.hub_throughput_BxK]
+    )
 
 
 @PROPERTY_SETTINGS
@@ -592,8 +586,7 @@ def test_property_padding_invariance(seed, left):
     padded = run(p_attn, p_src, p_snk, p_val, block_size=block_size)
     want, got = as_numpy(compact), as_numpy(padded)
     assert_log_reach_close(got["log_reach"][:, real], want["log_reach"])
-    for key in ("flow", "throughput", "injection"):
-        np.testing.assert_allclose(got[key][:, real], want[key], atol=ATOL, err_msg=key)
+    chex.assert_trees_all_close(flows(got, np.s_[:, real]), flows(want), atol=ATOL, rtol=NP_RTOL)
     np.testing.assert_array_equal(got["sink"][:, real], want["sink"])
     pad = ~p_val
     assert np.all(got["log_reach"][pad] == -np.inf)
@@ -619,26 +612,25 @@ def test_property_jit_matches_eager(seed, with_valid):
     jitted = _jit_trace(*args, block_size=block_size)
     e, j = as_numpy(eager), as_numpy(jitted)
     assert_log_reach_close(j["log_reach"], e["log_reach"], atol=1e-6)
-    for key in ("flow", "throughput", "injection"):
-        np.testing.assert_allclose(j[key], e[key], atol=1e-6, err_msg=key)
-    for key in ("sink", "valid"):
-        np.testing.assert_array_equal(j[key], e[key])
-    np.testing.assert_allclose(
-        phi_of(args[0], jitted),
-        np.asarray(edge_flow(args[0], eager)),
-        atol=1e-6,
-    )
-    np.testing.assert_allclose(
-        err_of(args[0], jitted),
-        np.asarray(conservation_error(args[0], eager)),
-        atol=1e-6,
-    )
+    chex.assert_trees_all_equal((j["sink"], j["valid"]), (e["sink"], e["valid"]))
     bb_j, bb_e = top_of(args[0], jitted, 5), backbone(args[0], eager, 5)
-    np.testing.assert_allclose(
-        np.asarray(bb_j.edge_flow_BxK), np.asarray(bb_e.edge_flow_BxK), atol=1e-6
-    )
-    np.testing.assert_allclose(
-        np.asarray(bb_j.hub_throughput_BxK), np.asarray(bb_e.hub_throughput_BxK), atol=1e-6
+    chex.assert_trees_all_close(
+        flows(j)
+        | {
+            "edge_flow": phi_of(args[0], jitted),
+            "conservation_error": err_of(args[0], jitted),
+            "backbone_edge_flow": bb_j.edge_flow_BxK,
+            "backbone_hub_throughput": bb_j.hub_throughput_BxK,
+        },
+        flows(e)
+        | {
+            "edge_flow": edge_flow(args[0], eager),
+            "conservation_error": conservation_error(args[0], eager),
+            "backbone_edge_flow": bb_e.edge_flow_BxK,
+            "backbone_hub_throughput": bb_e.hub_throughput_BxK,
+        },
+        atol=1e-6,
+        rtol=NP_RTOL,
     )
 
 
@@ -655,8 +647,7 @@ def test_property_batch_elements_independent(seed):
     a, b = as_numpy(run(attn, src, snk, val)), as_numpy(run(attn2, src2, snk2, val2))
     for row in (0, 2):
         assert_log_reach_close(b["log_reach"][row], a["log_reach"][row], atol=1e-6)
-        for key in ("flow", "throughput", "injection"):
-            np.testing.assert_allclose(b[key][row], a[key][row], atol=1e-6, err_msg=key)
+        chex.assert_trees_all_close(flows(b, row), flows(a, row), atol=1e-6, rtol=NP_RTOL)
 
 
 @PROPERTY_SETTINGS
@@ -669,8 +660,7 @@ def test_property_ignores_diagonal_and_future(seed):
     other = np.where(upper, rng.uniform(0.0, 5.0, attn.shape), attn).astype(np.float32)
     a, b = as_numpy(run(attn, src, snk, val)), as_numpy(run(other, src, snk, val))
     assert_log_reach_close(b["log_reach"], a["log_reach"], atol=1e-6)
-    for key in ("flow", "throughput", "injection"):
-        np.testing.assert_allclose(b[key], a[key], atol=1e-6, err_msg=key)
+    chex.assert_trees_all_close(flows(b), flows(a), atol=1e-6, rtol=NP_RTOL)
 
 
 # ----------------------------------------------------------------------------- numerics

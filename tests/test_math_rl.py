@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from experiments import evaluate, math_rl, synthetic_math
-from ftjax import data, evaluation, text_task
+from ftjax import credit, evaluation, rollout
 from ftjax.logging import read_jsonl
 from ftjax.models import pretrained
+from ftjax.tasks import data, prompts, verifiers
+from ftjax.tasks import text as text_task
 
 
 class CharTokenizer:
@@ -104,7 +106,7 @@ def test_few_shot_preamble_writes_answers_the_verifier_reads():
     math = text_task.few_shot_preamble(shots, "math")
     assert math.endswith("half\n\\boxed{1/2}\n\n")
     for block, shot in zip(math.split("\n\n")[:2], shots, strict=True):
-        assert text_task.TEXT_VERIFIERS["math"](block, shot.answer).reward == 1.0
+        assert verifiers.VERIFIERS["math"](block, shot.answer).reward == 1.0
     with pytest.raises(ValueError, match="f.jsonl:1: a few-shot example needs a worked solution"):
         text_task.few_shot_preamble(examples(1), "gsm8k")
 
@@ -113,9 +115,9 @@ def test_few_shot_prompts_drop_the_instruction_stop_at_a_blank_line_and_skip_the
     _, ckpt, train_path, _ = tiny_setup
     policy = pretrained.load(str(ckpt))
     data_cfg = data.DataConfig(str(train_path), preset="gsm8k")
-    prompt_cfg = evaluate.PromptConfig(shots=2, shots_path=str(train_path))
+    prompt_cfg = prompts.PromptConfig(shots=2, shots_path=str(train_path))
     shots = prompt_cfg.load_shots(data_cfg)
-    task, _ = evaluate.build_task(policy, data_cfg, prompt_cfg, 400, shots)
+    task, _ = prompts.build_task(policy, data_cfg, prompt_cfg, 400, shots)
     assert len(task) == 64 - 2 and {e.source for e in shots}.isdisjoint(
         e.source for e in task.examples
     )
@@ -124,13 +126,13 @@ def test_few_shot_prompts_drop_the_instruction_stop_at_a_blank_line_and_skip_the
     assert data.DEFAULT_INSTRUCTION not in text
     blank = policy.tokenizer.encode("\n\n", add_bos=False)
     if len(blank) == 1:
-        assert blank[0] in evaluate.stop_ids(policy, task)
-    plain, _ = evaluate.build_task(policy, data_cfg, evaluate.PromptConfig(), 400)
-    assert evaluate.stop_ids(policy, plain) == policy.stop_ids()
+        assert blank[0] in task.stop_ids
+    plain, _ = prompts.build_task(policy, data_cfg, prompts.PromptConfig(), 400)
+    assert plain.stop_ids == policy.stop_ids()
     with pytest.raises(ValueError, match="shots_path"):
-        evaluate.PromptConfig(shots=1).load_shots(data_cfg)
+        prompts.PromptConfig(shots=1).load_shots(data_cfg)
     with pytest.raises(ValueError, match="fewer than --prompt.shots 99"):
-        evaluate.PromptConfig(shots=99, shots_path=str(train_path)).load_shots(
+        prompts.PromptConfig(shots=99, shots_path=str(train_path)).load_shots(
             data.DataConfig(str(train_path), preset="gsm8k", limit=3)
         )
 
@@ -248,10 +250,10 @@ def test_pretrained_load_errors(tmp_path):
 def test_rewards_k_greedy_copies_agree_and_match_accuracy(tiny_setup):
     _, ckpt, _, test_path = tiny_setup
     policy = pretrained.load(str(ckpt))
-    task, _ = evaluate.build_task(
-        policy, data.DataConfig(str(test_path), preset="gsm8k"), evaluate.PromptConfig(), 128
+    task, _ = prompts.build_task(
+        policy, data.DataConfig(str(test_path), preset="gsm8k"), prompts.PromptConfig(), 128
     )
-    cfg = evaluate.sampling_config(policy, task, evaluate.EvalConfig(max_new_tokens=8), 0.0)
+    cfg = rollout.sampling_config(task, 8, 0.0)
     import jax
 
     rng = jax.random.PRNGKey(0)
@@ -332,3 +334,36 @@ def test_math_rl_gemma_two_steps_on_cpu(tmp_path):
     assert sorted(history) == [0, 1]
     assert all(np.isfinite(m["loss"]) for m in history.values())
     assert (run_dir / "checkpoints").is_dir() and (run_dir / "metrics.jsonl").is_file()
+
+
+def test_math_rl_trains_a_user_variant_from_plugins(tiny_setup, tmp_path):
+    """A credit variant in the user's own file, named on the command line after --plugins."""
+    _, ckpt, train_path, _ = tiny_setup
+    plugin = tmp_path / "my_credit.py"
+    plugin.write_text(
+        "import jax.numpy as jnp\n"
+        "from ftjax import credit\n\n"
+        '@credit.register("first_half_up", needs=())\n'
+        "def first_half_up(inputs, cfg):\n"
+        "    position = jnp.cumsum(inputs.response_mask_BxT, axis=-1)\n"
+        "    n = jnp.sum(inputs.response_mask_BxT, -1, keepdims=True)\n"
+        "    return jnp.where(position <= n // 2, cfg.gamma, 1.0)\n"
+    )
+    flags = [
+        "--step.credit.name", "first_half_up", "--plugins", str(plugin),
+        "--model", str(ckpt), "--run_dir", str(tmp_path / "run"), "--data.path", str(train_path),
+        "--eval.enabled", "false", "--loop.steps", "2", "--loop.prompts_per_step", "4",
+        "--step.group_size", "2", "--loop.prompt_len", "128", "--loop.sampling.max_new_tokens",
+        "8", "--loop.progress", "false", "--step.optim.lr", "1e-3",
+    ]  # fmt: skip
+    try:
+        history = math_rl.main(flags)
+    finally:
+        credit.unregister("first_half_up")
+    assert sorted(history) == [0, 1]
+    for metrics in history.values():
+        assert np.isfinite(metrics["loss"])
+        assert metrics["credit/gamma_mean"] > 1.0  # the variant's weights reached the loss
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["step"]["credit"]["name"] == "first_half_up"
+    assert saved["plugins"] == [str(plugin)]

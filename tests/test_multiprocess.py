@@ -180,7 +180,7 @@ def chain_run(run_dir, steps: int) -> dict[int, dict[str, float]]:
         sampling=sampling.SamplingConfig(max_new_tokens=10, eos_ids=(EOS,), pad_id=PAD),
     )
     task = ChainRowsTask(ChainConfig(chain_length=1, distractors=0))
-    return loop.run(model, task, step_cfg, cfg, run_dir)
+    return loop.run(model, task, step_cfg, cfg, run_dir).history
 
 
 LOOP_WORKER = """

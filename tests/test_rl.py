@@ -9,6 +9,7 @@ import itertools
 import math
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import jax.test_util
@@ -86,9 +87,15 @@ def make_cfg(aggregation, clip, scale, kl, **kw) -> LossConfig:
 
 
 def assert_metrics_match(got, want):
-    assert set(got) == set(want)
-    for key, value in want.items():
-        np.testing.assert_allclose(float(got[key]), value, rtol=RTOL, atol=ATOL, err_msg=key)
+    """Metric dicts with the same keys, scalar values close at the float32 tolerance."""
+    chex.assert_rank(jax.tree.leaves(got), 0)
+    chex.assert_trees_all_close(got, want, rtol=RTOL, atol=ATOL)
+
+
+def assert_metrics_identical(*metrics):
+    """Metric dicts with the same keys and bitwise equal, finite values."""
+    chex.assert_tree_all_finite(metrics[0])  # assert_trees_all_equal lets NaN == NaN pass
+    chex.assert_trees_all_equal(*metrics)
 
 
 # ---------------------------------------------------------------- policy loss vs the reference
@@ -170,8 +177,7 @@ def test_masked_out_tokens_do_not_matter(aggregation):
         y[key] = np.where(pad, rng.uniform(-20.0, 0.0, (B, T)), x[key]).astype(np.float32)
     gamma = np.where(pad, rng.uniform(0.0, 5.0, (B, T)), x["gamma"]).astype(np.float32)
     _, moved = lib_loss(y, adv, gamma, cfg)
-    for key in base:
-        assert float(moved[key]) == float(base[key]), key
+    assert_metrics_identical(moved, base)
 
 
 def test_policy_loss_jit_matches_eager():
@@ -182,8 +188,7 @@ def test_policy_loss_jit_matches_eager():
             jnp.asarray(x["mask"]))
     eager = policy_loss(*args, cfg, jnp.asarray(x["ref"]))[1]
     jitted = jax.jit(policy_loss, static_argnums=5)(*args, cfg, jnp.asarray(x["ref"]))[1]
-    for key in eager:
-        np.testing.assert_allclose(float(jitted[key]), float(eager[key]), rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(jitted, eager, rtol=1e-6, atol=1e-7)
 
 
 # ---------------------------------------------------------------- uniform credit is plain GRPO
@@ -199,9 +204,8 @@ def test_gamma_equal_to_mask_is_plain_grpo(aggregation, clip):
     _, uniform = lib_loss(x, adv, mask, cfg)  # gamma = the response mask, bool as it comes
     _, uniform_f = lib_loss(x, adv, mask.astype(np.float32), cfg)
     _, ones = lib_loss(x, adv, np.ones((B, T), np.float32), cfg)
-    for key in uniform:
-        # A~ = 1.0 * A is exact and masked-out tokens are multiplied by 0: bitwise equal.
-        assert float(uniform[key]) == float(ones[key]) == float(uniform_f[key]), key
+    # A~ = 1.0 * A is exact and masked-out tokens are multiplied by 0: bitwise equal.
+    assert_metrics_identical(uniform, ones, uniform_f)
     # Against a reference that has no gamma anywhere (A~ = A), the float32 tolerance.
     no_gamma = ref_loss(x, np.asarray(adv, np.float64), None, cfg)
     assert_metrics_match(uniform, no_gamma)
@@ -380,7 +384,7 @@ def test_token_log_probs_match_numpy(dtype):
     np.testing.assert_allclose(np.asarray(ent), want_ent, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(float(ent[0, 0]), math.log(11), rtol=1e-6)
     jitted = jax.jit(token_log_probs)(x, jnp.asarray(targets))
-    np.testing.assert_allclose(np.asarray(jitted[0]), np.asarray(logp), rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(jitted, (logp, ent), rtol=1e-6, atol=1e-6)
 
 
 # ---------------------------------------------------------------- config validation
@@ -423,5 +427,4 @@ def test_policy_loss_accepts_float_mask_like_aggregate():
     want = lib_loss(x, adv, x["gamma"], cfg)[1]
     y = dict(x, mask=x["mask"].astype(np.float32))
     got = lib_loss(y, adv, x["gamma"], cfg)[1]
-    for key in want:
-        assert float(got[key]) == float(want[key]), key
+    assert_metrics_identical(got, want)

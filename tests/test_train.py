@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference_rl
 from flax import nnx
 
 from ftjax import credit, rl, sharding, train
@@ -156,3 +157,41 @@ def test_prepared_batch_reuses_credit_across_epochs():
     state, second = step_fn(state, prepared)  # epoch 2: same credit, policy has moved
     assert float(second["credit/gamma_mean"]) == float(first["credit/gamma_mean"])
     assert float(second["ratio_mean"]) != pytest.approx(1.0, abs=1e-6)
+
+
+def test_kl_term_against_the_initial_policy_matches_float64():
+    """The KL reference is a frozen copy of the initial parameters; the step's KL term equals
+    the float64 k3 estimate over response tokens, from the two policies' own logits."""
+    batch = make_batch()
+    cfg = dataclasses.replace(CFG, loss=rl.LossConfig(kl_coef=0.1))
+    initial = transformer.Transformer(MODEL, rngs=nnx.Rngs(0))
+    graphdef, state = train.init_state(initial, cfg, jax.random.PRNGKey(0))
+    noise = np.random.default_rng(1)
+    moved = jax.tree.map(
+        lambda x: x + 0.3 * jnp.asarray(noise.standard_normal(x.shape), x.dtype), state.params
+    )
+    state = dataclasses.replace(state, params=moved)
+    mesh = sharding.make_mesh(sharding.MeshConfig(1, 1))
+    reference = train.make_reference(graphdef, nnx.state(initial, nnx.Param), batch, mesh)
+    batch = dataclasses.replace(batch, ref_log_probs_BxT=reference(batch))
+    tokens = np.asarray(batch.tokens_BxT)
+    valid = np.asarray(batch.prompt_mask_BxT | batch.response_mask_BxT)
+    response = np.asarray(batch.response_mask_BxT)
+
+    def float64_log_probs(params):
+        logits = nnx.merge(graphdef, params)(tokens, valid_BxT=valid).logits_BxTxV
+        logp, _ = reference_rl.token_log_probs(np.asarray(logits)[:, :-1], tokens[:, 1:])
+        return np.pad(logp, ((0, 0), (1, 0)))
+
+    policy_BxT, initial_BxT = float64_log_probs(moved), float64_log_probs(state_params(initial))
+    step_fn, placed = train.make_train_step(graphdef, state, batch, cfg, mesh)  # donates `moved`
+    _, metrics = step_fn(placed, batch)
+    kl_BxT = np.vectorize(lambda p, r: reference_rl.kl_token(p, r, "k3"))(policy_BxT, initial_BxT)
+    want = reference_rl.aggregate(kl_BxT, response, "token-mean")
+    assert want > 0.05  # the policies differ: the check is not 0 == 0
+    # float32 logits (and the captured vs fused attention paths, ~1e-6) against float64 sums.
+    np.testing.assert_allclose(float(metrics["kl"]), want, rtol=1e-4)
+
+
+def state_params(model):
+    return nnx.state(model, nnx.Param)

@@ -5,13 +5,12 @@ import threading
 
 import pytest
 
-from ftjax import verifiers
-from ftjax.verifiers import (
+from ftjax.tasks import verifiers
+from ftjax.tasks.verifiers import (
     VERIFIERS,
     Verdict,
     boxed_answer,
     char_span_to_token_mask,
-    verify_countdown,
     verify_gsm8k,
     verify_math,
 )
@@ -217,78 +216,6 @@ def test_gsm8k_bad_ground_truth_raises():
         verify_gsm8k("#### 72", "seventy")
 
 
-# --- verify_countdown -------------------------------------------------------------------------
-
-NUMBERS, TARGET = (3, 5, 7), 22
-
-
-@pytest.mark.parametrize(
-    "expression", ["5*3+7", "(5 * 3) + 7", "7 + 3 * 5", "((7 + (3 * 5)))", "7 - -3 * 5"]
-)
-def test_countdown_correct(expression):
-    response = f"<think>try things</think>\n<answer> {expression} </answer>"
-    verdict = verify_countdown(response, NUMBERS, TARGET)
-    assert verdict.reward == 1.0 and sliced(response, verdict) == expression
-
-
-def test_countdown_exact_fractions():
-    # 7 / (3 / 9) = 21 exactly; floating point would give 21.000000000000004.
-    assert verify_countdown("<answer>7 / (3 / 9)</answer>", (7, 3, 9), 21).reward == 1.0
-    assert verify_countdown("<answer>(8 - 3 / 3) * 3</answer>", (8, 3, 3, 3), 21).reward == 1.0
-
-
-@pytest.mark.parametrize(
-    "expression, why",
-    [
-        ("5*3+7+3", "reused number"),
-        ("5*3+7*1", "number not given"),
-        ("5*3", "missing number"),
-        ("5*3-7", "wrong value"),
-        ("5/(3-3)+7", "division by zero"),
-        ("__import__('os')", "disallowed characters"),
-        ("5*3+7=22", "an equation, not an expression"),
-        ("5**3+7", "malformed"),
-        ("(5*3+7", "unclosed parenthesis"),
-        ("5 3 7", "no operators"),
-        ("05*3+7", "leading zero"),
-    ],
-)
-def test_countdown_wrong_keeps_span(expression, why):
-    numbers = (3, 3, 5, 7) if why == "division by zero" else NUMBERS
-    response = f"<answer>{expression}</answer>"
-    verdict = verify_countdown(response, numbers, TARGET)
-    assert verdict.reward == 0.0, why
-    assert sliced(response, verdict) == expression, why
-
-
-def test_countdown_last_answer_tag_wins():
-    response = "<answer>5*3-7</answer> no: <answer>5*3+7</answer>"
-    verdict = verify_countdown(response, NUMBERS, TARGET)
-    assert verdict.reward == 1.0 and verdict.span[0] > response.index("no:")
-
-
-def test_countdown_last_expression_line_without_tags():
-    response = "Let me try 5*3-7 = 8. No.\n  (5*3)+7  \nThat is 22, done."
-    verdict = verify_countdown(response, NUMBERS, TARGET)
-    assert verdict.reward == 1.0 and sliced(response, verdict) == "(5*3)+7"
-
-
-def test_countdown_deep_nesting_is_malformed_not_an_error():
-    expression = "(" * 500 + "5*3+7" + ")" * 500
-    verdict = verify_countdown(f"<answer>{expression}</answer>", NUMBERS, TARGET)
-    assert verdict.reward == 0.0 and verdict.span is not None
-    assert verify_countdown("<answer>" + "-" * 500 + "5</answer>", (5,), 5).reward == 0.0
-
-
-@pytest.mark.parametrize("response", GARBAGE + ["Nothing to see.", "<answer></answer>"])
-def test_countdown_garbage_scores_zero(response):
-    assert verify_countdown(response, NUMBERS, TARGET).reward == 0.0
-
-
-def test_countdown_no_expression_is_no_answer():
-    assert verify_countdown("I give up.\nSorry.", NUMBERS, TARGET) == Verdict(0.0, None)
-
-
 # --- char_span_to_token_mask and the registry -------------------------------------------------
 
 
@@ -318,7 +245,6 @@ def test_token_mask_partial_overlap_empty_token_and_none():
 
 
 def test_registry_names_the_verifiers():
-    assert sorted(VERIFIERS) == ["countdown", "gsm8k", "math"]
+    assert sorted(VERIFIERS) == ["gsm8k", "math"]
     assert VERIFIERS["math"] is verifiers.verify_math
     assert VERIFIERS["gsm8k"] is verifiers.verify_gsm8k
-    assert VERIFIERS["countdown"] is verifiers.verify_countdown

@@ -15,6 +15,9 @@ Q and K rows are NOT permuted for Gemma (llama.cpp runs Gemma with NEOX RoPE, th
 form HF uses; the permutation is a Llama-family-only step), so q_proj/k_proj need no inversion.
 Metadata llama.cpp hard-codes for Gemma 3 rather than storing (sliding pattern 6, local RoPE base
 1e4, query scale) is filled in by `_gemma3_config` the way llama.cpp sets it.
+
+Length: ~420 lines, over the house ~400: the header reader, the name maps, the config rebuilt from
+metadata and the shape checks are one format's reader, read together.
 """
 
 from __future__ import annotations

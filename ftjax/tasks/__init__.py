@@ -1,10 +1,18 @@
-"""Tasks: prompt streams with verifiers (reward + answer span), solver traces for warm-up, and
-ground-truth token labels where the task has them. Every task satisfies `ftjax.loop.Task`.
+"""Every task: prompt streams with verifiers (reward + answer span), and what feeds them.
 
-| task | module | ground-truth labels |
-|---|---|---|
-| variable-chain arithmetic | `chain.py` | yes: tokens on the answer's dependency chain |
-| Countdown (reach a target with + - * /) | `countdown.py` | no |
+Each task satisfies `ftjax.rollout.Task`.
+
+| module | what |
+|---|---|
+| `chain.py` | variable-chain arithmetic; solver traces; ground-truth essential tokens |
+| `countdown.py` | Countdown (reach a target with + - * /); its checker; solver traces |
+| `vocab.py` | the character vocabulary of the synthetic tasks |
+| `data.py` | math datasets from local JSONL / JSON / Parquet files, presets, chat templates |
+| `verifiers.py` | rewards and answer spans from response text (math-verify, GSM8K) |
+| `text.py` | text problems as a task: template -> prompt ids, response -> text -> verifier |
+| `prompts.py` | a data file + a pretrained policy -> a text task (template, few-shot, stop ids) |
+
+`prompts.py` needs the model loaders; import it as `ftjax.tasks.prompts`.
 """
 
 from ftjax.tasks.chain import ChainConfig, ChainTask
@@ -14,7 +22,7 @@ TASKS = {"chain": (ChainTask, ChainConfig), "countdown": (CountdownTask, Countdo
 
 
 def make(name: str, cfg=None):
-    """The task called `name` with config `cfg` (default config if None)."""
+    """The synthetic task called `name` with config `cfg` (default config if None)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)}")
     task_cls, cfg_cls = TASKS[name]

@@ -28,7 +28,7 @@ import string
 
 import numpy as np
 
-from ftjax.tasks.vocab import BOS, EOS, VOCAB
+from ftjax.tasks.vocab import BOS, EOS, PAD, VOCAB
 
 OPS = ("+", "-", "*")
 _DEFINITION = re.compile(r"([a-z])=(?:(\d+)|([a-z])([+\-*])(\d+))")
@@ -162,6 +162,7 @@ class ChainTask:
 
     name = "chain"
     vocab = VOCAB
+    stop_ids, pad_id = (EOS,), PAD
 
     def __init__(self, cfg: ChainConfig = ChainConfig()):
         self.cfg = cfg

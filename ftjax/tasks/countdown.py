@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ftjax.tasks.vocab import BOS, EOS, SPECIALS, VOCAB
+from ftjax.tasks.vocab import BOS, EOS, PAD, SPECIALS, VOCAB
 
 OPS = ("+", "-", "*", "/")
 Step = tuple[int, str, int, int]  # (a, op, b, result)
@@ -150,6 +150,7 @@ class CountdownTask:
 
     name = "countdown"
     vocab = VOCAB
+    stop_ids, pad_id = (EOS,), PAD
 
     def __init__(self, cfg: CountdownConfig = CountdownConfig()):
         self.cfg = cfg

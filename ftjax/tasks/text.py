@@ -2,31 +2,27 @@
 
 Dims: N response tokens.
 
-`TextTask` is a `loop.Task` over `data.Example`s. Its prompt stream visits the examples in a fresh
-seeded permutation every epoch, so `prompts(start, count)` is a pure function of the index (what
-makes runs resume exactly). `score` decodes the response, asks the verifier for a reward and the
-final answer's character span, and maps the span onto the response tokens: FlowTracer's sink.
+`TextTask` is a `rollout.Task` over `data.Example`s. Its prompt stream visits the examples in a
+fresh seeded permutation every epoch, so `prompts(start, count)` is a pure function of the index
+(what makes runs resume exactly). `score` decodes the response, asks the verifier for a reward
+and the final answer's character span, and maps the span onto the response tokens: FlowTracer's
+sink.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from ftjax import data, verifiers
-
-# verifier name -> (response text, ground truth) -> Verdict
-TEXT_VERIFIERS: dict[str, Callable[[str, str], verifiers.Verdict]] = {
-    name: verifiers.VERIFIERS[name] for name in ("math", "gsm8k")
-}
+from ftjax.tasks import data, verifiers
 
 
 @dataclasses.dataclass(frozen=True)
 class TextTaskConfig:
     template: str = "plain"  # a key of data.TEMPLATES
-    verifier: str = "math"  # a key of TEXT_VERIFIERS
+    verifier: str = "math"  # a key of verifiers.VERIFIERS
     instruction: str = data.DEFAULT_INSTRUCTION
     preamble: str = ""  # text before every question, e.g. solved examples (`few_shot_preamble`)
     add_bos: bool = True  # prepend the tokenizer's BOS (templates that spell it out set False)
@@ -37,9 +33,10 @@ class TextTaskConfig:
             raise ValueError(
                 f"TextTaskConfig.template {self.template!r} is not one of {sorted(data.TEMPLATES)}"
             )
-        if self.verifier not in TEXT_VERIFIERS:
+        if self.verifier not in verifiers.VERIFIERS:
             raise ValueError(
-                f"TextTaskConfig.verifier {self.verifier!r} is not one of {sorted(TEXT_VERIFIERS)}"
+                f"TextTaskConfig.verifier {self.verifier!r} is not one of "
+                f"{sorted(verifiers.VERIFIERS)}"
             )
 
 
@@ -95,7 +92,12 @@ class TextTask:
         prompt_ids: Sequence[Sequence[int]],
         tokenizer,
         cfg: TextTaskConfig,
+        *,
+        stop_ids: Sequence[int] = (),
+        pad_id: int = 0,
     ):
+        """stop_ids: the token ids that end a response (the policy's EOS, end of turn, ...);
+        pad_id: the id that fills prompt and response slots."""
         if not examples:
             raise ValueError("a TextTask needs at least one example")
         if len(examples) != len(prompt_ids):
@@ -104,7 +106,8 @@ class TextTask:
         self.prompt_ids = [list(p) for p in prompt_ids]
         self.tokenizer = tokenizer
         self.cfg = cfg
-        self._verify = TEXT_VERIFIERS[cfg.verifier]
+        self.stop_ids, self.pad_id = tuple(int(i) for i in stop_ids), int(pad_id)
+        self._verify = verifiers.VERIFIERS[cfg.verifier]
         # score() is handed prompt ids; equal prompt ids mean the same question.
         self._answers = {tuple(p): e.answer for p, e in zip(self.prompt_ids, examples, strict=True)}
 

@@ -11,7 +11,6 @@ math_verify's signal timeout outside the main thread).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import fractions
 import re
@@ -24,11 +23,6 @@ MAX_ANSWER_CHARS = 1000
 _BOX_OPENER = re.compile(r"\\(?:boxed|fbox)\s*\{")
 # Thousands separators only in groups of three, so "1,2" is the number 1 and "1,234" is 1234.
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
-_COUNTDOWN_CHARS = frozenset("0123456789+-*/() ")
-_COUNTDOWN_LINE = re.compile(r"[0-9+\-*/() ]*[0-9][0-9+\-*/() ]*")
-_COUNTDOWN_TOKEN = re.compile(r"\d+|[-+*/()]")
-# Parenthesis / unary-minus nesting beyond this is malformed, not a Python RecursionError.
-_MAX_DEPTH = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,108 +158,6 @@ def verify_gsm8k(response: str, ground_truth: str) -> Verdict:
     return Verdict(float(_fraction(number.group()) == gold), number.span())
 
 
-def _countdown_expression(response: str) -> tuple[int, int] | None:
-    """Span of the content of the last <answer>...</answer>, else of the last line made only of
-    digits, + - * / ( ) and spaces (with at least one digit)."""
-    close = response.rfind("</answer>")
-    if close >= 0 and (opener := response.rfind("<answer>", 0, close)) >= 0:
-        return _strip_span(response, opener + len("<answer>"), close)
-    end = len(response)
-    while end > 0:
-        start = response.rfind("\n", 0, end) + 1
-        line_start, line_end = _strip_span(response, start, end)
-        if _COUNTDOWN_LINE.fullmatch(response, line_start, line_end):
-            return line_start, line_end
-        end = start - 1
-    return None
-
-
-class _MalformedError(Exception):
-    pass
-
-
-class _Arithmetic:
-    """Recursive descent over exact fractions (never `eval`):
-    expression = term (("+" | "-") term)*;  term = factor (("*" | "/") factor)*;
-    factor = number | "-" factor | "(" expression ")"."""
-
-    def __init__(self, tokens: list[str]):
-        self.tokens, self.position = tokens, 0
-
-    def _peek(self) -> str | None:
-        return self.tokens[self.position] if self.position < len(self.tokens) else None
-
-    def _take(self) -> str:
-        token = self._peek()
-        if token is None:
-            raise _MalformedError("expression ends early")
-        self.position += 1
-        return token
-
-    def value(self) -> fractions.Fraction:
-        result = self._expression(0)
-        if self._peek() is not None:
-            raise _MalformedError(f"unexpected {self._peek()!r}")
-        return result
-
-    def _expression(self, depth: int) -> fractions.Fraction:
-        result = self._term(depth)
-        while self._peek() in ("+", "-"):
-            op, rhs = self._take(), self._term(depth)
-            result = result + rhs if op == "+" else result - rhs
-        return result
-
-    def _term(self, depth: int) -> fractions.Fraction:
-        result = self._factor(depth)
-        while self._peek() in ("*", "/"):
-            op, rhs = self._take(), self._factor(depth)
-            if op == "/" and rhs == 0:
-                raise _MalformedError("division by zero")
-            result = result * rhs if op == "*" else result / rhs
-        return result
-
-    def _factor(self, depth: int) -> fractions.Fraction:
-        if depth > _MAX_DEPTH:
-            raise _MalformedError("nested too deeply")
-        token = self._take()
-        if token == "-":
-            return -self._factor(depth + 1)
-        if token == "(":
-            result = self._expression(depth + 1)
-            if self._take() != ")":
-                raise _MalformedError("unclosed parenthesis")
-            return result
-        if token.isdigit():
-            return fractions.Fraction(int(token))
-        raise _MalformedError(f"unexpected {token!r}")
-
-
-def _countdown_correct(expression: str, numbers: Sequence[int], target: int) -> bool:
-    if not expression or not set(expression) <= _COUNTDOWN_CHARS:
-        return False
-    tokens = _COUNTDOWN_TOKEN.findall(expression)
-    literals = [token for token in tokens if token.isdigit()]
-    # Each literal is then one of the given numbers, so evaluation stays small.
-    if collections.Counter(literals) != collections.Counter(str(int(n)) for n in numbers):
-        return False
-    try:
-        return _Arithmetic(tokens).value() == target
-    except _MalformedError:
-        return False
-
-
-def verify_countdown(response: str, numbers: Sequence[int], target: int) -> Verdict:
-    """Reward 1 when the response's final expression uses each of `numbers` exactly once (as a
-    multiset) and equals `target` in exact arithmetic. The expression is the last
-    <answer>...</answer> (TinyZero's format), else the last line that is only an arithmetic
-    expression; the span is the expression, kept when it is malformed or wrong."""
-    span = _countdown_expression(response)
-    if span is None:
-        return Verdict(0.0, None)
-    correct = _countdown_correct(response[span[0] : span[1]], numbers, target)
-    return Verdict(float(correct), span)
-
-
 def char_span_to_token_mask(
     offsets: Sequence[tuple[int, int]], span: tuple[int, int] | None
 ) -> list[bool]:
@@ -279,4 +171,6 @@ def char_span_to_token_mask(
     return [max(start, span_start) < min(end, span_end) for start, end in offsets]
 
 
-VERIFIERS = {"math": verify_math, "gsm8k": verify_gsm8k, "countdown": verify_countdown}
+# name -> (response text, ground truth) -> Verdict. Countdown is checked by its own task
+# (`ftjax.tasks.countdown`), on the step format its policies write.
+VERIFIERS = {"math": verify_math, "gsm8k": verify_gsm8k}

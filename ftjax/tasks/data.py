@@ -17,7 +17,7 @@ import json
 import pathlib
 from collections.abc import Callable, Iterator, Sequence
 
-from ftjax import verifiers
+from ftjax.tasks import verifiers
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 EXTENSIONS = (".jsonl", ".json", ".parquet")
