@@ -18,12 +18,10 @@ MODES = ("middle_third", "middle_five", "layers", "none")
 
 @dataclasses.dataclass(frozen=True)
 class CaptureSpec:
-    """mode: middle_third (default), middle_five, layers (explicit `layers`), none.
-    per_layer: also return each captured layer's head-mean map (L_cap x B x T x T)."""
+    """mode: middle_third (default), middle_five, layers (explicit `layers`), none."""
 
     mode: str = "middle_third"
     layers: tuple[int, ...] = ()
-    per_layer: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:

@@ -1,8 +1,9 @@
 """Property tests of ftjax's Transformer, FlowTracer capture and checkpoint plumbing (no torch).
 
 Parity with Hugging Face lives in test_models_parity.py; here the references are the model's own
-slower paths (a full forward for the KV cache, every layer's per-head probabilities for the
-captured maps, an unpadded forward for padding) and plain NumPy.
+slower paths (a full forward for the KV cache, every layer's per-head probabilities and one-layer
+captures from tests/model_helpers.py for the captured maps, an unpadded forward for padding) and
+plain NumPy.
 
 Dims: B batch, T tokens, S key slots, L layers, H heads, V vocab.
 """
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from model_helpers import head_probs, layer_maps
 
 from ftjax.capture import NONE, CaptureSpec, captured_layers
 from ftjax.models.config import FULL, SLIDING, from_hf, tiny
@@ -26,9 +28,9 @@ from ftjax.models.transformer import KVCache, Transformer
 ATOL = 1e-5
 FAMILIES = ("llama", "qwen2", "qwen3", "gemma3")
 B, T = 2, 12
-# Most tests run this capture with debug_probs=True, a valid mask and B x T tokens, so that they
-# share one compilation per family.
-ALL_LAYERS = CaptureSpec(mode="layers", layers=(0, 1, 2, 3), per_layer=True)
+# Most tests run this capture (every layer on the explicit path), a valid mask and B x T tokens,
+# so that they share one compilation per family; `layer_maps` shares the one-layer ones.
+ALL_LAYERS = CaptureSpec(mode="layers", layers=(0, 1, 2, 3))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -55,18 +57,23 @@ def one_layer_model() -> Transformer:
     return make_model("llama", num_layers=1, max_position_embeddings=T)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("capture", "debug_probs"))
-def _apply(graphdef, state, tokens, valid, cache, capture, debug_probs):
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("capture",))
+def _apply(graphdef, state, tokens, valid, cache, capture):
     model = nnx.merge(graphdef, state)
-    return model(tokens, valid_BxT=valid, cache=cache, capture=capture, debug_probs=debug_probs)
+    return model(tokens, valid_BxT=valid, cache=cache, capture=capture)
 
 
-def apply(model: Transformer, tokens, valid=None, cache=None, capture=NONE, debug_probs=False):
+def apply(model: Transformer, tokens, valid=None, cache=None, capture=NONE):
     """The model as a pure jitted function of its state."""
     graphdef, state = nnx.split(model)
     valid = None if valid is None else jnp.asarray(valid)
-    return _apply(graphdef, state, jnp.asarray(tokens), valid, cache, capture=capture,
-                  debug_probs=debug_probs)
+    return _apply(graphdef, state, jnp.asarray(tokens), valid, cache, capture=capture)
+
+
+def every_layer_map(model: Transformer, tokens, valid) -> np.ndarray:
+    """Each layer's own captured map of a jitted forward, L x B x T x T."""
+    run = lambda spec: apply(model, tokens, valid, capture=spec).attn_BxTxS  # noqa: E731
+    return layer_maps(run, range(model.cfg.num_layers))
 
 
 def random_tokens(vocab: int = 128, shape=(B, T), seed: int = 0) -> np.ndarray:
@@ -96,18 +103,25 @@ def test_prefill_then_decode_equals_full_forward(family, padded):
     valid = np.ones((B, T), bool)
     if padded:
         valid[1, :3] = False
-    full = apply(model, tokens, valid, capture=ALL_LAYERS, debug_probs=True)
+    full = apply(model, tokens, valid, capture=ALL_LAYERS)
 
     prefill, slots = 5, T + 3  # the spare slots must stay empty
-    out = apply(model, tokens[:, :prefill], valid[:, :prefill],
-                KVCache.empty(model.cfg, B, slots), capture=ALL_LAYERS)
-    steps = [out]
-    for t in range(prefill, T):
-        steps.append(apply(model, tokens[:, t:t + 1], valid[:, t:t + 1], steps[-1].cache,
-                           capture=ALL_LAYERS))
+
+    def decode(capture):
+        out = apply(model, tokens[:, :prefill], valid[:, :prefill],
+                    KVCache.empty(model.cfg, B, slots), capture=capture)
+        steps = [out]
+        for t in range(prefill, T):
+            steps.append(apply(model, tokens[:, t:t + 1], valid[:, t:t + 1], steps[-1].cache,
+                               capture=capture))
+        return steps
+
+    steps = decode(ALL_LAYERS)
     logits_BxTxV = np.concatenate([o.logits_BxTxV for o in steps], axis=1)
     attn_BxTxS = np.concatenate([o.attn_BxTxS for o in steps], axis=1)
-    layer_attn_LxBxTxS = np.concatenate([o.layer_attn_LxBxTxS for o in steps], axis=2)
+    layer_attn_LxBxTxS = layer_maps(
+        lambda spec: np.concatenate([o.attn_BxTxS for o in decode(spec)], axis=1),
+        range(model.cfg.num_layers))
     cache = steps[-1].cache
 
     assert int(cache.index) == T
@@ -119,7 +133,9 @@ def test_prefill_then_decode_equals_full_forward(family, padded):
     # The captured maps agree too (zero on padded rows and on the spare slots).
     assert not attn_BxTxS[..., T:].any()
     assert_close(attn_BxTxS[..., :T], full.attn_BxTxS)
-    assert_close(layer_attn_LxBxTxS[..., :T], full.layer_attn_LxBxTxS)
+    # So does each layer's own map (one decode per layer), against the per-head reference.
+    probs_LxBxHxTxT = np.asarray(head_probs(model, tokens, valid), np.float64)
+    assert_close(layer_attn_LxBxTxS[..., :T], probs_LxBxHxTxT.mean(axis=2) * valid[:, :, None])
 
 
 # ----------------------------------------------------------------------------- padding
@@ -131,17 +147,19 @@ def test_padding_does_not_change_real_tokens(family):
     model = family_model(family)
     n, pad = T - 4, 4
     short = random_tokens(shape=(1, n), seed=3)
-    alone = apply(model, short, np.ones((1, n), bool), capture=ALL_LAYERS, debug_probs=True)
+    alone = apply(model, short, np.ones((1, n), bool), capture=ALL_LAYERS)
+    alone_layers = every_layer_map(model, short, np.ones((1, n), bool))
     filler = random_tokens(shape=(1, pad), seed=4)
     tokens = np.concatenate([np.concatenate([short, filler], axis=1),  # right padded
                              np.concatenate([filler, short], axis=1)])  # left padded
     valid = np.zeros((B, T), bool)
     valid[0, :n] = valid[1, pad:] = True
-    out = apply(model, tokens, valid, capture=ALL_LAYERS, debug_probs=True)
+    out = apply(model, tokens, valid, capture=ALL_LAYERS)
+    out_layers = every_layer_map(model, tokens, valid)
     for b, real in ((0, slice(0, n)), (1, slice(pad, T))):
         assert_close(out.logits_BxTxV[b, real], alone.logits_BxTxV[0])
         assert_close(out.attn_BxTxS[b, real, real], alone.attn_BxTxS[0])
-        assert_close(out.layer_attn_LxBxTxS[:, b, real, real], alone.layer_attn_LxBxTxS[:, 0])
+        assert_close(out_layers[:, b, real, real], alone_layers[:, 0])
         assert not np.asarray(out.attn_BxTxS[b, ~valid[b]]).any()
 
 
@@ -153,8 +171,9 @@ def test_captured_maps_are_causal_row_stochastic(family):
     model = family_model(family)
     L = model.cfg.num_layers
     valid = mixed_padding()
-    out = apply(model, random_tokens(), valid, capture=ALL_LAYERS, debug_probs=True)
-    maps = np.concatenate([np.asarray(out.attn_BxTxS)[None], np.asarray(out.layer_attn_LxBxTxS)])
+    out = apply(model, random_tokens(), valid, capture=ALL_LAYERS)
+    layers_LxBxTxT = every_layer_map(model, random_tokens(), valid)
+    maps = np.concatenate([np.asarray(out.attn_BxTxS)[None], layers_LxBxTxT])
     assert maps.shape == (L + 1, B, T, T)
     # Rows sum to 1 on real queries and to 0 on padded ones.
     np.testing.assert_allclose(maps.sum(-1), np.broadcast_to(valid, (L + 1, B, T)) * 1.0,
@@ -170,8 +189,7 @@ def test_sliding_layers_capture_only_their_window():
     window = model.cfg.sliding_window
     assert window < T
     lag = np.arange(T)[:, None] - np.arange(T)[None, :]
-    out = apply(model, random_tokens(), mixed_padding(), capture=ALL_LAYERS, debug_probs=True)
-    per_layer = np.asarray(out.layer_attn_LxBxTxS)
+    per_layer = every_layer_map(model, random_tokens(), mixed_padding())
     for layer, kind in enumerate(model.cfg.layer_types):
         beyond = per_layer[layer][:, lag >= window]
         assert (beyond.max() == 0) == (kind == SLIDING), (layer, kind)
@@ -182,19 +200,17 @@ def test_sliding_layers_capture_only_their_window():
                                   CaptureSpec(mode="layers", layers=(3, 0, 1))],
                          ids=["middle_third", "all_layers", "layers"])
 def test_captured_map_is_mean_of_head_probs(spec):
-    """The fused capture equals the slow reduction of every layer's per-head probabilities.
-    (Against Hugging Face's maps for every family in test_models_parity.py.)"""
+    """The fused capture equals the slow reduction of every layer's per-head probabilities,
+    and so does each layer's own map. (Against Hugging Face's maps for every family in
+    test_models_parity.py.)"""
     model = family_model("gemma3")
-    valid = mixed_padding()
-    out = apply(model, random_tokens(), valid, capture=spec, debug_probs=True)
-    probs_LxBxHxTxS = np.asarray(out.head_probs_LxBxHxTxS, np.float64)
+    tokens, valid = random_tokens(), mixed_padding()
+    out = apply(model, tokens, valid, capture=spec)
+    probs_LxBxHxTxS = np.asarray(head_probs(model, tokens, valid), np.float64)
     layers = list(captured_layers(spec, model.cfg.num_layers))
     per_layer_LxBxTxS = probs_LxBxHxTxS[layers].mean(axis=2) * valid[None, :, :, None]
     assert_close(out.attn_BxTxS, per_layer_LxBxTxS.mean(0))
-    if spec.per_layer:
-        assert_close(out.layer_attn_LxBxTxS, per_layer_LxBxTxS)
-    else:
-        assert out.layer_attn_LxBxTxS is None
+    assert_close(every_layer_map(model, tokens, valid)[layers], per_layer_LxBxTxS)
 
 
 def test_capture_does_not_change_logits():
@@ -202,10 +218,32 @@ def test_capture_does_not_change_logits():
     model = family_model("llama")
     tokens, valid = random_tokens(), mixed_padding()
     plain = apply(model, tokens, valid)  # every layer on jax.nn.dot_product_attention
-    assert plain.attn_BxTxS is None and plain.layer_attn_LxBxTxS is None
-    assert plain.head_probs_LxBxHxTxS is None and plain.cache is None
-    captured = apply(model, tokens, valid, capture=ALL_LAYERS, debug_probs=True)
+    assert plain.attn_BxTxS is None and plain.cache is None
+    captured = apply(model, tokens, valid, capture=ALL_LAYERS)
     assert_close(captured.logits_BxTxV[valid], plain.logits_BxTxV[valid])
+
+
+def test_softcapped_layers_run_without_capture():
+    """With attn_logit_softcap every layer takes the explicit path, captured or not
+    (jax.nn.dot_product_attention cannot cap): all-captured, partly captured, uncaptured and
+    cached runs give the same logits, and the cap really acts."""
+    model = make_model("gemma3", attn_logit_softcap=1.0)
+    tokens, valid = random_tokens(), mixed_padding()
+    plain = apply(model, tokens, valid)
+    assert plain.attn_BxTxS is None
+    every, middle = (apply(model, tokens, valid, capture=c) for c in (ALL_LAYERS, CaptureSpec()))
+    for out in (every, middle):
+        assert_close(out.logits_BxTxV[valid], plain.logits_BxTxV[valid])
+    uncapped = apply(family_model("gemma3"), tokens, valid)  # the same weights, no cap
+    assert np.abs(np.asarray(plain.logits_BxTxV - uncapped.logits_BxTxV)[valid]).max() > 1e-2
+    # The per-head reference caps too, and the captured map is its mean.
+    probs_LxBxHxTxS = np.asarray(head_probs(model, tokens, valid), np.float64)
+    assert_close(every.attn_BxTxS, probs_LxBxHxTxS.mean(axis=(0, 2)) * valid[:, :, None])
+    # Decoding with a cache, uncaptured: prefill all but the last token, then one step.
+    first = apply(model, tokens[:, :-1], valid[:, :-1], KVCache.empty(model.cfg, B, T))
+    last = apply(model, tokens[:, -1:], valid[:, -1:], first.cache)
+    cached = np.concatenate([first.logits_BxTxV, last.logits_BxTxV], axis=1)
+    assert_close(cached[valid], plain.logits_BxTxV[valid])
 
 
 @pytest.mark.parametrize("num_layers", range(1, 13))
@@ -233,7 +271,7 @@ def test_captured_layers_known_values():
 def test_captured_map_carries_no_gradient():
     model = one_layer_model()
     tokens, valid = jnp.asarray(random_tokens()), jnp.asarray(mixed_padding())
-    spec = CaptureSpec(mode="layers", layers=(0,), per_layer=True)
+    spec = CaptureSpec(mode="layers", layers=(0,))  # the map is this one layer's own
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def run(p, tokens, capture):
@@ -241,7 +279,7 @@ def test_captured_map_carries_no_gradient():
 
     def maps_norm(p, tokens):
         out = run(p, tokens, spec)
-        return jnp.sum(out.attn_BxTxS ** 2) + jnp.sum(out.layer_attn_LxBxTxS ** 2)
+        return jnp.sum(out.attn_BxTxS ** 2)
 
     def loss(p, tokens, capture):
         logp = jax.nn.log_softmax(run(p, tokens, capture).logits_BxTxV[:, :-1])
@@ -261,11 +299,17 @@ def test_captured_map_carries_no_gradient():
 def test_jit_equals_eager():
     model = family_model("gemma3")  # the most switches
     tokens, valid = random_tokens(), mixed_padding()
-    eager = model(jnp.asarray(tokens), valid_BxT=jnp.asarray(valid), capture=ALL_LAYERS,
-                  debug_probs=True)
-    jitted = apply(model, tokens, valid, capture=ALL_LAYERS, debug_probs=True)
-    for name in ("logits_BxTxV", "attn_BxTxS", "layer_attn_LxBxTxS", "head_probs_LxBxHxTxS"):
+    eager = model(jnp.asarray(tokens), valid_BxT=jnp.asarray(valid), capture=ALL_LAYERS)
+    jitted = apply(model, tokens, valid, capture=ALL_LAYERS)
+    for name in ("logits_BxTxV", "attn_BxTxS"):
         assert_close(getattr(eager, name), getattr(jitted, name))
+    eager_maps = layer_maps(
+        lambda spec: model(jnp.asarray(tokens), valid_BxT=jnp.asarray(valid), capture=spec)
+        .attn_BxTxS, range(model.cfg.num_layers))
+    assert_close(eager_maps, every_layer_map(model, tokens, valid))
+    graphdef, state = nnx.split(model)
+    jitted_probs = jax.jit(lambda s: head_probs(nnx.merge(graphdef, s), tokens, valid))(state)
+    assert_close(head_probs(model, tokens, valid), jitted_probs)
 
 
 @pytest.mark.parametrize("as_array", [np.asarray, jnp.asarray], ids=["numpy", "jax"])
@@ -295,8 +339,7 @@ def test_hf_tensors_round_trip(family):
     for name in tensors:
         np.testing.assert_array_equal(again[name], tensors[name], err_msg=name)
     tokens, valid = random_tokens(), mixed_padding()
-    logits = [apply(m, tokens, valid, capture=ALL_LAYERS, debug_probs=True).logits_BxTxV
-              for m in (model, rebuilt)]
+    logits = [apply(m, tokens, valid, capture=ALL_LAYERS).logits_BxTxV for m in (model, rebuilt)]
     np.testing.assert_array_equal(np.asarray(logits[0]), np.asarray(logits[1]))
 
 
@@ -459,11 +502,13 @@ def test_chunked_capture_equals_full_probabilities(family):
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 300)).astype(np.int32)
     valid = np.ones((2, 300), bool)
     valid[1, :37] = False  # left padding
-    spec = CaptureSpec(mode="layers", layers=tuple(range(cfg.num_layers)), per_layer=True)
+    spec = CaptureSpec(mode="layers", layers=tuple(range(cfg.num_layers)))
     chunked = model(tokens, valid_BxT=valid, capture=spec)
-    full = model(tokens, valid_BxT=valid, debug_probs=True)
-    want = np.asarray(full.head_probs_LxBxHxTxS).mean(axis=2) * valid[None, :, :, None]
-    np.testing.assert_allclose(np.asarray(chunked.layer_attn_LxBxTxS), want, atol=1e-6)
+    full = model(tokens, valid_BxT=valid)  # no capture: jax.nn.dot_product_attention, unchunked
+    want = np.asarray(head_probs(model, tokens, valid)).mean(axis=2) * valid[None, :, :, None]
+    run = lambda s: model(tokens, valid_BxT=valid, capture=s).attn_BxTxS  # noqa: E731
+    np.testing.assert_allclose(layer_maps(run, range(cfg.num_layers)), want, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(chunked.attn_BxTxS), want.mean(0), atol=1e-6)
     np.testing.assert_allclose(np.asarray(chunked.logits_BxTxV), np.asarray(full.logits_BxTxV),
                                atol=1e-5)
 

@@ -3,9 +3,9 @@ reference.
 
 Each family gets a tiny random HF model (float32, eager attention) with its norm weights and biases
 moved off their init, saved with `save_pretrained` and read back with `load_checkpoint`. We compare
-logits, every layer's per-head attention probabilities, the captured FlowTracer maps (recomputed
-here from HF's per-head maps), padded batches, sharded checkpoints, the inverse weight map and the
-config switches `from_hf` derives.
+logits, every layer's per-head attention probabilities (ours from tests/model_helpers.py), the
+captured FlowTracer maps (recomputed here from HF's per-head maps), padded batches, sharded
+checkpoints, the inverse weight map and the config switches `from_hf` derives.
 
 Dims: B batch, T tokens, L layers, H heads, V vocab.
 """
@@ -22,6 +22,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import jax.numpy as jnp  # noqa: E402
+from model_helpers import head_probs, layer_maps  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
 from ftjax.capture import CaptureSpec, captured_layers  # noqa: E402
@@ -34,6 +35,7 @@ PROBS_ATOL = 1e-5
 B, T, VOCAB, LAYERS = 2, 16, 128, 4
 FAMILIES = ("llama", "qwen2", "qwen3", "gemma3")
 GEMMA_LAYER_TYPES = (SLIDING, SLIDING, FULL, SLIDING)  # layer 1 (the default capture) slides
+EVERY_LAYER = CaptureSpec(mode="layers", layers=tuple(range(LAYERS)))  # all on the explicit path
 
 
 def llama3_scaling(original_max: int = 16) -> dict:
@@ -123,7 +125,7 @@ def test_logits_match_hf(ckpt):
     hf_logits, _ = hf_forward(ckpt.hf, tokens)
     assert np.abs(hf_logits).max() > 0.5  # the tolerance below is not vacuous
     fused = ckpt.model(jnp.asarray(tokens))  # no capture: jax.nn.dot_product_attention path
-    explicit = ckpt.model(jnp.asarray(tokens), debug_probs=True)  # explicit softmax path
+    explicit = ckpt.model(jnp.asarray(tokens), capture=EVERY_LAYER)  # explicit softmax path
     np.testing.assert_allclose(np_of(fused.logits_BxTxV), hf_logits, atol=LOGITS_ATOL, rtol=0)
     np.testing.assert_allclose(np_of(explicit.logits_BxTxV), hf_logits, atol=LOGITS_ATOL, rtol=0)
 
@@ -131,9 +133,9 @@ def test_logits_match_hf(ckpt):
 def test_head_probs_match_hf(ckpt):
     tokens = random_tokens()
     _, hf_probs = hf_forward(ckpt.hf, tokens)
-    out = ckpt.model(jnp.asarray(tokens), debug_probs=True)
-    assert out.head_probs_LxBxHxTxS.shape == (LAYERS, B, 4, T, T)
-    np.testing.assert_allclose(np_of(out.head_probs_LxBxHxTxS), hf_probs, atol=PROBS_ATOL, rtol=0)
+    probs_LxBxHxTxT = head_probs(ckpt.model, tokens)
+    assert probs_LxBxHxTxT.shape == (LAYERS, B, 4, T, T)
+    np.testing.assert_allclose(np_of(probs_LxBxHxTxT), hf_probs, atol=PROBS_ATOL, rtol=0)
     if ckpt.family == "gemma3":  # the sliding window really masks something at T=16
         lag = np.arange(T)[:, None] - np.arange(T)[None, :]
         for layer, kind in enumerate(GEMMA_LAYER_TYPES):
@@ -151,17 +153,16 @@ def test_captured_map_is_head_and_layer_mean_of_hf(ckpt, spec):
     expected_BxTxT = hf_probs[layers].mean(axis=(0, 2))
     out = ckpt.model(jnp.asarray(tokens), capture=spec)
     np.testing.assert_allclose(np_of(out.attn_BxTxS), expected_BxTxT, atol=PROBS_ATOL, rtol=0)
-    assert out.layer_attn_LxBxTxS is None and out.head_probs_LxBxHxTxS is None
 
 
 def test_per_layer_capture_matches_hf(ckpt):
     tokens = random_tokens()
     _, hf_probs = hf_forward(ckpt.hf, tokens)
-    spec = CaptureSpec(mode="layers", layers=(3, 0, 2), per_layer=True)
-    out = ckpt.model(jnp.asarray(tokens), capture=spec)
-    expected_LxBxTxT = hf_probs[[0, 2, 3]].mean(axis=2)  # sorted layer order
-    np.testing.assert_allclose(np_of(out.layer_attn_LxBxTxS), expected_LxBxTxT,
-                               atol=PROBS_ATOL, rtol=0)
+    out = ckpt.model(jnp.asarray(tokens), capture=CaptureSpec(mode="layers", layers=(3, 0, 2)))
+    expected_LxBxTxT = hf_probs[[0, 2, 3]].mean(axis=2)
+    maps_LxBxTxT = layer_maps(lambda spec: ckpt.model(jnp.asarray(tokens), capture=spec).attn_BxTxS,
+                              [0, 2, 3])
+    np.testing.assert_allclose(np_of(maps_LxBxTxT), expected_LxBxTxT, atol=PROBS_ATOL, rtol=0)
     np.testing.assert_allclose(np_of(out.attn_BxTxS), expected_LxBxTxT.mean(0),
                                atol=PROBS_ATOL, rtol=0)
 
@@ -177,14 +178,14 @@ def test_padded_batch_matches_hf(ckpt, side):
         mask = mask[:, ::-1].copy()
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     hf_logits, hf_probs = hf_forward(ckpt.hf, tokens, mask, positions)
-    out = ckpt.model(jnp.asarray(tokens), valid_BxT=jnp.asarray(mask), debug_probs=True)
+    out = ckpt.model(jnp.asarray(tokens), valid_BxT=jnp.asarray(mask), capture=EVERY_LAYER)
     fused = ckpt.model(jnp.asarray(tokens), valid_BxT=jnp.asarray(mask))
     np.testing.assert_allclose(np_of(out.logits_BxTxV)[mask], hf_logits[mask],
                                atol=LOGITS_ATOL, rtol=0)
     np.testing.assert_allclose(np_of(fused.logits_BxTxV)[mask], hf_logits[mask],
                                atol=LOGITS_ATOL, rtol=0)
     # Per-head probabilities on real query rows (padded rows are undefined on both sides).
-    ours = np.moveaxis(np_of(out.head_probs_LxBxHxTxS), 3, 2)  # L x B x T x H x S
+    ours = np.moveaxis(np_of(head_probs(ckpt.model, tokens, mask)), 3, 2)  # L x B x T x H x S
     theirs = np.moveaxis(hf_probs, 3, 2)
     np.testing.assert_allclose(ours[:, mask], theirs[:, mask], atol=PROBS_ATOL, rtol=0)
 

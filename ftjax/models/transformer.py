@@ -6,8 +6,12 @@ E hidden, H query heads, K key/value heads, G = H / K, D head dim, F MLP width, 
 Captured layers compute explicit softmax probabilities one query chunk at a time and add each
 chunk's head mean, under stop_gradient, to the one B x T x S map carried across the layers (the
 running layer mean); the other layers use `jax.nn.dot_product_attention`, which may dispatch to a
-fused kernel. Parameter names follow Hugging Face's (`layers[i].self_attn.q_proj`, ...), so
-loaders map checkpoints one to one.
+fused kernel (layers with soft-capped logits take the chunked path too, since it cannot cap).
+Parameter names follow Hugging Face's (`layers[i].self_attn.q_proj`, ...), so loaders map
+checkpoints one to one.
+
+Length: ~425 lines, over the house ~400, because the chunked capture loop and its memory notes
+sit next to the layer they belong to; the next cut would be attention into its own module.
 """
 
 from __future__ import annotations
@@ -54,14 +58,11 @@ class KVCache:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ForwardOutput:
-    """logits_BxTxV; attn_BxTxS: captured head-and-layer-mean map (None without capture);
-    layer_attn_LxBxTxS: per captured layer head means (capture.per_layer); head_probs_LxBxHxTxS:
-    every layer's per-head probabilities (debug_probs only); cache: the updated KV cache."""
+    """logits_BxTxV; attn_BxTxS: the captured head-and-layer-mean map (None without capture);
+    cache: the updated KV cache (None without one)."""
 
     logits_BxTxV: jax.Array
     attn_BxTxS: jax.Array | None = None
-    layer_attn_LxBxTxS: jax.Array | None = None
-    head_probs_LxBxHxTxS: jax.Array | None = None
     cache: KVCache | None = None
 
 
@@ -98,9 +99,8 @@ class RMSNorm(nnx.Module):
     """x / rms(x) * w, or * (1 + w) for Gemma; computed in float32."""
 
     def __init__(self, dim: int, eps: float, plus_one: bool, param_dtype=jnp.float32):
-        self.weight = nnx.Param(
-            jnp.zeros(dim, param_dtype) if plus_one else jnp.ones(dim, param_dtype)
-        )
+        init = jnp.zeros if plus_one else jnp.ones  # Gemma's 1 + w starts at 1 too
+        self.weight = nnx.Param(init(dim, param_dtype))
         self.eps, self.plus_one = eps, plus_one
 
     def __call__(self, x):
@@ -111,15 +111,9 @@ class RMSNorm(nnx.Module):
 
 
 def _linear(cfg_in: int, cfg_out: int, bias: bool, rngs: nnx.Rngs, dtype, param_dtype):
-    return nnx.Linear(
-        cfg_in,
-        cfg_out,
-        use_bias=bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nnx.initializers.normal(0.02),
-        rngs=rngs,
-    )
+    init = nnx.initializers.normal(0.02)
+    kw = dict(use_bias=bias, dtype=dtype, param_dtype=param_dtype, kernel_init=init, rngs=rngs)
+    return nnx.Linear(cfg_in, cfg_out, **kw)
 
 
 class Attention(nnx.Module):
@@ -140,30 +134,49 @@ class Attention(nnx.Module):
         )
         self.rope_scaling = None if sliding else cfg.rope_scaling
         self.heads, self.kv_heads, self.head_dim = H, K, D
-        self.qk_norm, self.scale, self.softcap = (
-            cfg.qk_norm,
-            cfg.attention_scale,
-            cfg.attn_logit_softcap,
-        )
+        self.qk_norm, self.scale = cfg.qk_norm, cfg.attention_scale
+        self.softcap = cfg.attn_logit_softcap
 
-    def __call__(
-        self,
-        x_BxTxE,
-        positions_BxT,
-        query_slot_BxT,
-        key_valid_BxS,
-        kv=None,
-        mode: str = "fused",
-        capture=None,
-    ):
-        """Returns (out_BxTxE, extra, (k, v) for the cache slots of this step). Queries sit in
-        slots query_slot_BxT and attend over the real keys of slots [0, S) (`attention_mask`).
+    def __call__(self, x_BxTxE, positions_BxT, slots, past_kv=None, capture_into=None):
+        """Returns (out_BxTxE, map_BxTxS or None, this step's (k_BxTxKxD, v_BxTxKxD)).
 
-        mode "fused": `jax.nn.dot_product_attention` (may be a fused kernel), extra None;
-        "capture": explicit softmax in query chunks; capture = (map_BxTxS, row_weight_BxT) and
-        extra = map_BxTxS plus each query row's head-mean probabilities times its weight;
-        "debug": explicit, extra = per-head probabilities B x H x T x S.
-        """
+        slots: (query_slot_BxT, key_valid_BxS): queries sit in slots query_slot_BxT and attend
+        over the real keys of slots [0, S) (`attention_mask`). past_kv: (k_BxSxKxD, v_BxSxKxD,
+        index), this layer's cache, which gets this step's keys at [index, index + T); None: S = T.
+        capture_into: (map_BxTxS, row_weight_BxT): explicit softmax in query chunks, returning
+        map_BxTxS plus each row's head-mean probabilities times its weight. None: no map, and
+        `jax.nn.dot_product_attention` unless logits are soft-capped, which it cannot do."""
+        B, T, _ = x_BxTxE.shape
+        H, K, D = self.heads, self.kv_heads, self.head_dim
+        q_BxTxHxD, k_BxTxKxD, v_BxTxKxD = self._project(x_BxTxE, positions_BxT)
+        k_BxSxKxD, v_BxSxKxD = k_BxTxKxD, v_BxTxKxD
+        if past_kv is not None:
+            past_k_BxSxKxD, past_v_BxSxKxD, index = past_kv
+            k_BxSxKxD = jax.lax.dynamic_update_slice_in_dim(past_k_BxSxKxD, k_BxTxKxD, index, 1)
+            v_BxSxKxD = jax.lax.dynamic_update_slice_in_dim(past_v_BxSxKxD, v_BxTxKxD, index, 1)
+        if capture_into is None and not self.softcap:
+            mask_Bx1xTxS = self._mask(*slots)[:, None]
+            out = jax.nn.dot_product_attention(
+                q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask_Bx1xTxS, scale=self.scale
+            )
+            map_BxTxS = None
+        else:
+            q_BxTxKxGxD = q_BxTxHxD.reshape(B, T, K, H // K, D)
+            out, map_BxTxS = self._chunked(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, slots, capture_into)
+        return self.o_proj(out.reshape(B, T, H * D)), map_BxTxS, (k_BxTxKxD, v_BxTxKxD)
+
+    def head_probs(self, x_BxTxE, positions_BxT, slots):
+        """Per-head probabilities B x H x T x S, all at once, without a cache: a reference for
+        tests and analysis (the forward pass never materialises them)."""
+        B, T, _ = x_BxTxE.shape
+        H, K, D = self.heads, self.kv_heads, self.head_dim
+        q_BxTxHxD, k_BxTxKxD, v_BxTxKxD = self._project(x_BxTxE, positions_BxT)
+        q_BxTxKxGxD = q_BxTxHxD.reshape(B, T, K, H // K, D)
+        _, probs_BxKxGxTxS = self._explicit(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, self._mask(*slots))
+        return probs_BxKxGxTxS.reshape(B, H, T, -1)
+
+    def _project(self, x_BxTxE, positions_BxT):
+        """Queries, keys and values of this step: normed (qk_norm) and rotated."""
         B, T, _ = x_BxTxE.shape
         H, K, D = self.heads, self.kv_heads, self.head_dim
         q_BxTxHxD = self.q_proj(x_BxTxE).reshape(B, T, H, D)
@@ -174,27 +187,7 @@ class Attention(nnx.Module):
         inv_freq = rope_inverse_frequencies(D, self.rope_theta, self.rope_scaling)
         q_BxTxHxD = apply_rope(q_BxTxHxD, positions_BxT, inv_freq)
         k_BxTxKxD = apply_rope(k_BxTxKxD, positions_BxT, inv_freq)
-        k_BxSxKxD, v_BxSxKxD = (k_BxTxKxD, v_BxTxKxD) if kv is None else kv(k_BxTxKxD, v_BxTxKxD)
-        new_kv = (k_BxTxKxD, v_BxTxKxD)
-        if mode == "fused" and not self.softcap:
-            out = jax.nn.dot_product_attention(
-                q_BxTxHxD,
-                k_BxSxKxD,
-                v_BxSxKxD,
-                mask=self._mask(query_slot_BxT, key_valid_BxS)[:, None],
-                scale=self.scale,
-            )
-            return self.o_proj(out.reshape(B, T, H * D)), None, new_kv
-        q_BxTxKxGxD = q_BxTxHxD.reshape(B, T, K, H // K, D)
-        if mode == "debug":
-            mask_BxTxS = self._mask(query_slot_BxT, key_valid_BxS)
-            out, probs_BxKxGxTxS = self._explicit(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS)
-            extra = probs_BxKxGxTxS.reshape(B, H, T, -1)
-        else:
-            out, extra = self._chunked(
-                q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, query_slot_BxT, key_valid_BxS, *capture
-            )
-        return self.o_proj(out.reshape(B, T, H * D)), extra, new_kv
+        return q_BxTxHxD, k_BxTxKxD, v_BxTxKxD
 
     def _mask(self, query_slot_BxT, key_valid_BxS):
         key_slot_S = jnp.arange(key_valid_BxS.shape[1])
@@ -211,16 +204,7 @@ class Attention(nnx.Module):
         out = jnp.einsum("bkgts,bskd->btkgd", probs_BxKxGxTxS.astype(v_BxSxKxD.dtype), v_BxSxKxD)
         return out, probs_BxKxGxTxS
 
-    def _chunked(
-        self,
-        q_BxTxKxGxD,
-        k_BxSxKxD,
-        v_BxSxKxD,
-        query_slot_BxT,
-        key_valid_BxS,
-        map_BxTxS,
-        row_weight_BxT,
-    ):
+    def _chunked(self, q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, slots, capture_into):
         """Explicit attention one query chunk at a time, adding each chunk's weighted head mean to
         map_BxTxS in place: the working set is B x H x C x S, not B x H x T x S.
 
@@ -228,7 +212,10 @@ class Attention(nnx.Module):
         independent chunks side by side and so keeps all their probabilities alive at once. The
         loop's buffer starts as the queries and takes each chunk's output in place of its rows: a
         zero-filled output buffer would be hoisted to the start of the program and held through
-        every earlier layer. Each chunk builds its own mask rows, so no T x S mask is kept alive."""
+        every earlier layer. Each chunk builds its own mask rows, so no T x S mask is kept alive.
+        Without capture_into (a soft-capped layer that is not captured) the map stays None."""
+        query_slot_BxT, key_valid_BxS = slots
+        map_BxTxS, row_weight_BxT = (None, None) if capture_into is None else capture_into
 
         def rows(start, size, carry):
             qo_BxTxKxGxD, map_BxTxS = carry
@@ -236,6 +223,8 @@ class Attention(nnx.Module):
             query_slot_BxC = jax.lax.dynamic_slice_in_dim(query_slot_BxT, start, size, axis=1)
             mask_BxCxS = self._mask(query_slot_BxC, key_valid_BxS)
             out, probs_BxKxGxCxS = self._explicit(q_BxCxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_BxCxS)
+            if map_BxTxS is None:  # not captured (soft-capped logits): the output only
+                return jax.lax.dynamic_update_slice_in_dim(qo_BxTxKxGxD, out, start, axis=1), None
             weight_BxC = jax.lax.dynamic_slice_in_dim(row_weight_BxT, start, size, axis=1)
             head_mean_BxCxS = jnp.mean(probs_BxKxGxCxS, axis=(1, 2)) * weight_BxC[:, :, None]
             old_BxCxS = jax.lax.dynamic_slice_in_dim(map_BxTxS, start, size, axis=1)
@@ -274,7 +263,9 @@ class MLP(nnx.Module):
 
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs, dtype, param_dtype):
-        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one, param_dtype)  # noqa: E731
+        def norm():
+            return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one, param_dtype)
+
         self.input_layernorm = norm()
         self.self_attn = Attention(cfg, layer, rngs, dtype, param_dtype)
         self.post_attention_layernorm = norm()
@@ -284,10 +275,10 @@ class Block(nnx.Module):
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
 
-    def __call__(self, x_BxTxE, positions_BxT, slots, kv=None, mode="fused", capture=None):
-        """slots = (query_slot_BxT, key_valid_BxS), see `Attention`."""
-        h, extra, new_kv = self.self_attn(
-            self.input_layernorm(x_BxTxE), positions_BxT, *slots, kv, mode, capture
+    def __call__(self, x_BxTxE, positions_BxT, slots, past_kv=None, capture_into=None):
+        """Returns (x_BxTxE, map_BxTxS or None, (k, v)); the arguments are `Attention`'s."""
+        h, map_BxTxS, new_kv = self.self_attn(
+            self.input_layernorm(x_BxTxE), positions_BxT, slots, past_kv, capture_into
         )
         if self.sandwich:
             x_BxTxE = x_BxTxE + self.post_attention_layernorm(h)
@@ -297,7 +288,7 @@ class Block(nnx.Module):
         else:
             x_BxTxE = x_BxTxE + h
             x_BxTxE = x_BxTxE + self.mlp(self.post_attention_layernorm(x_BxTxE))
-        return x_BxTxE, extra, new_kv
+        return x_BxTxE, map_BxTxS, new_kv
 
 
 def attention_mask(query_slot_BxT, key_slot_S, key_valid_BxS, window: int | None):
@@ -335,117 +326,101 @@ class Transformer(nnx.Module):
         valid_BxT=None,
         capture: capture_lib.CaptureSpec = capture_lib.NONE,
         cache: KVCache | None = None,
-        debug_probs: bool = False,
     ) -> ForwardOutput:
         """Forward pass. Without a cache, positions default to the count of earlier valid tokens
         (left padding gets real positions); with one, tokens fill slots [index, index + T)."""
-        cfg = self.cfg
-        _check_tokens(tokens_BxT, cfg.vocab_size)
-        tokens_BxT = jnp.asarray(tokens_BxT)
-        if tokens_BxT.ndim != 2:
-            raise ValueError(f"tokens must have shape (B, T), got {tokens_BxT.shape}")
-        B, T = tokens_BxT.shape
-        valid_BxT = jnp.ones((B, T), bool) if valid_BxT is None else jnp.asarray(valid_BxT, bool)
-        if valid_BxT.shape != (B, T):
-            raise ValueError(f"valid mask shape {valid_BxT.shape} != tokens shape {(B, T)}")
+        tokens_BxT, valid_BxT = _checked_inputs(tokens_BxT, valid_BxT, self.cfg.vocab_size)
+        positions_BxT, slots = self._positions_and_slots(valid_BxT, positions_BxT, cache)
+        captured = capture_lib.captured_layers(capture, self.cfg.num_layers)
+        x_BxTxE = self.embed_tokens(tokens_BxT)
+        if self.cfg.scale_embeddings:
+            x_BxTxE = x_BxTxE * jnp.asarray(math.sqrt(self.cfg.hidden_size), x_BxTxE.dtype)
+        x_BxTxE, attn_BxTxS, new_kv = self._blocks(
+            x_BxTxE, positions_BxT, slots, valid_BxT, captured, cache
+        )
+        new_cache = None if cache is None else _updated_cache(cache, new_kv, slots[1])
+        return ForwardOutput(
+            logits_BxTxV=self._logits(x_BxTxE), attn_BxTxS=attn_BxTxS, cache=new_cache
+        )
+
+    def _positions_and_slots(self, valid_BxT, positions_BxT, cache):
+        """positions_BxT (default: see `__call__`) and slots = (query_slot_BxT, key_valid_BxS):
+        the cache slots the queries fill, and which of all S slots hold real keys."""
+        B, T = valid_BxT.shape
         if positions_BxT is None:
             offset_Bx1 = 0 if cache is None else jnp.sum(cache.valid_BxS, -1, keepdims=True)
             positions_BxT = offset_Bx1 + jnp.maximum(jnp.cumsum(valid_BxT, axis=-1) - 1, 0)
         slots = T if cache is None else cache.valid_BxS.shape[1]
-        if slots > cfg.max_position_embeddings:
-            raise ValueError(
-                f"sequence of {slots} tokens exceeds the model's context of "
-                f"{cfg.max_position_embeddings}"
-            )
+        context = self.cfg.max_position_embeddings
+        if slots > context:
+            raise ValueError(f"sequence of {slots} tokens exceeds the model's context of {context}")
         index = 0 if cache is None else cache.index
         query_slot_BxT = jnp.broadcast_to(index + jnp.arange(T), (B, T))
-        key_valid_BxS = (
-            valid_BxT
-            if cache is None
-            else jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, valid_BxT, index, 1)
-        )
-        captured = capture_lib.captured_layers(capture, cfg.num_layers)
-        x_BxTxE = self.embed_tokens(tokens_BxT)
-        if cfg.scale_embeddings:
-            x_BxTxE = x_BxTxE * jnp.asarray(math.sqrt(cfg.hidden_size), x_BxTxE.dtype)
-        # One map for all captured layers, each layer adding its valid rows' head mean / L in place.
-        valid_rows_BxT = valid_BxT.astype(jnp.float32)
-        layer_weight = 1.0 / max(len(captured), 1)
-        attn_BxTxS = jnp.zeros((B, T, slots), jnp.float32) if captured else None
-        layer_maps, head_probs, new_k, new_v = [], [], [], []
+        if cache is None:
+            return positions_BxT, (query_slot_BxT, valid_BxT)
+        key_valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, valid_BxT, index, 1)
+        return positions_BxT, (query_slot_BxT, key_valid_BxS)
+
+    def _blocks(self, x_BxTxE, positions_BxT, slots, valid_BxT, captured, cache):
+        """Every block in order: (x_BxTxE, attn_BxTxS or None, each layer's new (k, v)).
+
+        One map serves all captured layers, each adding its valid rows' head mean / L in place,
+        so capture costs one B x T x S map however many layers it reads."""
+        query_slot_BxT, key_valid_BxS = slots
+        attn_BxTxS = row_weight_BxT = None
+        if captured:
+            attn_BxTxS = jnp.zeros(query_slot_BxT.shape + key_valid_BxS.shape[1:], jnp.float32)
+            row_weight_BxT = valid_BxT.astype(jnp.float32) * (1.0 / len(captured))
+        new_kv = []
         for i, layer in enumerate(self.layers):
-            kv = None
-            if cache is not None:
+            past_kv = None
+            if cache is not None:  # this step's keys and values go to slots [index, index + T)
+                past_kv = (cache.k_LxBxSxKxD[i], cache.v_LxBxSxKxD[i], cache.index)
+            into = (attn_BxTxS, row_weight_BxT) if i in captured else None
+            x_BxTxE, map_BxTxS, kv = layer(x_BxTxE, positions_BxT, slots, past_kv, into)
+            attn_BxTxS = attn_BxTxS if map_BxTxS is None else map_BxTxS
+            new_kv.append(kv)
+        return x_BxTxE, attn_BxTxS, new_kv
 
-                def kv(k, v, i=i):  # write this step's keys/values, attend over all slots
-                    return (
-                        jax.lax.dynamic_update_slice_in_dim(cache.k_LxBxSxKxD[i], k, index, 1),
-                        jax.lax.dynamic_update_slice_in_dim(cache.v_LxBxSxKxD[i], v, index, 1),
-                    )
-
-            mode = "debug" if debug_probs else "capture" if i in captured else "fused"
-            into = None
-            if mode == "capture":  # per_layer: the layer's own map, folded into the mean below
-                into = (
-                    (jnp.zeros_like(attn_BxTxS), valid_rows_BxT)
-                    if capture.per_layer
-                    else (attn_BxTxS, valid_rows_BxT * layer_weight)
-                )
-            x_BxTxE, extra, (k, v) = layer(
-                x_BxTxE, positions_BxT, (query_slot_BxT, key_valid_BxS), kv, mode, into
-            )
-            new_k.append(k)
-            new_v.append(v)
-            if debug_probs:
-                head_probs.append(extra)
-            if i not in captured:
-                continue
-            if mode == "capture" and not capture.per_layer:
-                attn_BxTxS = extra  # the layer added its rows in place
-                continue
-            layer_map_BxTxS = extra
-            if debug_probs:
-                head_mean_BxTxS = jnp.mean(extra, axis=1) * valid_rows_BxT[:, :, None]
-                layer_map_BxTxS = jax.lax.stop_gradient(head_mean_BxTxS)
-            if capture.per_layer:
-                layer_maps.append(layer_map_BxTxS)
-            attn_BxTxS = attn_BxTxS + layer_map_BxTxS * layer_weight
+    def _logits(self, x_BxTxE):
         x_BxTxE = self.norm(x_BxTxE)
-        if cfg.tie_embeddings:
+        if self.cfg.tie_embeddings:
             logits_BxTxV = self.embed_tokens.attend(x_BxTxE)
         else:
             logits_BxTxV = self.lm_head(x_BxTxE)
         logits_BxTxV = logits_BxTxV.astype(jnp.float32)
-        if cfg.final_logit_softcap:
-            logits_BxTxV = (
-                jnp.tanh(logits_BxTxV / cfg.final_logit_softcap) * cfg.final_logit_softcap
-            )
-        new_cache = None
-        if cache is not None:
-            put = lambda old, new: jax.lax.dynamic_update_slice_in_dim(old, new, index, 2)  # noqa: E731
-            new_cache = KVCache(
-                put(cache.k_LxBxSxKxD, jnp.stack(new_k).astype(cache.k_LxBxSxKxD.dtype)),
-                put(cache.v_LxBxSxKxD, jnp.stack(new_v).astype(cache.v_LxBxSxKxD.dtype)),
-                key_valid_BxS,
-                cache.index + T,
-            )
-        return ForwardOutput(
-            logits_BxTxV=logits_BxTxV,
-            attn_BxTxS=attn_BxTxS,
-            layer_attn_LxBxTxS=jnp.stack(layer_maps) if layer_maps else None,
-            head_probs_LxBxHxTxS=jnp.stack(head_probs) if head_probs else None,
-            cache=new_cache,
-        )
+        cap = self.cfg.final_logit_softcap
+        return jnp.tanh(logits_BxTxV / cap) * cap if cap else logits_BxTxV
 
 
-def _check_tokens(tokens_BxT, vocab_size: int) -> None:
-    """Dtype always; the id range when the tokens are concrete (checked on the host, so a
-    concrete array closed over by a jitted function is checked too)."""
+def _updated_cache(cache: KVCache, new_kv, key_valid_BxS) -> KVCache:
+    """The cache with every layer's new keys/values in slots [index, index + T)."""
+    k_LxBxTxKxD = jnp.stack([k for k, _ in new_kv]).astype(cache.k_LxBxSxKxD.dtype)
+    v_LxBxTxKxD = jnp.stack([v for _, v in new_kv]).astype(cache.v_LxBxSxKxD.dtype)
+    return KVCache(
+        jax.lax.dynamic_update_slice_in_dim(cache.k_LxBxSxKxD, k_LxBxTxKxD, cache.index, 2),
+        jax.lax.dynamic_update_slice_in_dim(cache.v_LxBxSxKxD, v_LxBxTxKxD, cache.index, 2),
+        key_valid_BxS,
+        cache.index + k_LxBxTxKxD.shape[2],
+    )
+
+
+def _checked_inputs(tokens_BxT, valid_BxT, vocab_size: int):
+    """(tokens_BxT, valid_BxT) as arrays, valid defaulting to all True. Token ids must be in the
+    vocabulary: checked on the host when concrete (so a concrete array closed over by a jitted
+    function is checked too)."""
     if not jnp.issubdtype(jnp.result_type(tokens_BxT), jnp.integer):
         raise ValueError(f"token ids must be integers, got dtype {jnp.result_type(tokens_BxT)}")
-    if isinstance(tokens_BxT, jax.core.Tracer) or np.size(tokens_BxT) == 0:
-        return
-    host = np.asarray(tokens_BxT)
-    low, high = int(host.min()), int(host.max())
-    if low < 0 or high >= vocab_size:
-        raise ValueError(f"token ids must be in [0, {vocab_size}), got range [{low}, {high}]")
+    if not isinstance(tokens_BxT, jax.core.Tracer) and np.size(tokens_BxT):
+        host = np.asarray(tokens_BxT)  # NumPy: a jnp.min would be traced inside a jit
+        low, high = int(host.min()), int(host.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"token ids must be in [0, {vocab_size}), got range [{low}, {high}]")
+    tokens_BxT = jnp.asarray(tokens_BxT)
+    if tokens_BxT.ndim != 2:
+        raise ValueError(f"tokens must have shape (B, T), got {tokens_BxT.shape}")
+    B, T = tokens_BxT.shape
+    valid_BxT = jnp.ones((B, T), bool) if valid_BxT is None else jnp.asarray(valid_BxT, bool)
+    if valid_BxT.shape != (B, T):
+        raise ValueError(f"valid mask shape {valid_BxT.shape} != tokens shape {(B, T)}")
+    return tokens_BxT, valid_BxT
