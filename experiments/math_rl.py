@@ -31,7 +31,7 @@ import pathlib
 import sys
 
 from experiments import common
-from ftjax import credit, evaluation, loop, multihost
+from ftjax import credit, evaluation, loop, multihost, rundir
 from ftjax.credit import CreditConfig
 from ftjax.evaluation import EvalConfig
 from ftjax.loop import LoopConfig
@@ -59,6 +59,15 @@ class HeldOutConfig(EvalConfig):
 
 
 @dataclasses.dataclass(frozen=True)
+class ResumeConfig:
+    """allow: config keys (dotted, e.g. `step.optim.lr`; `step.optim.` for a group) that may
+    differ from the run directory's when resuming; every change is kept in
+    config_history.jsonl. How long to train, saving, logging and evaluation may always change."""
+
+    allow: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class MathRLConfig:
     model: str = pretrained.GEMMA3_270M
     param_dtype: str = "float32"
@@ -82,6 +91,7 @@ class MathRLConfig:
         checkpoint_every=10,
     )
     eval: HeldOutConfig = HeldOutConfig()
+    resume: ResumeConfig = ResumeConfig()
 
 
 def _append_jsonl(path: pathlib.Path, record: dict) -> None:
@@ -109,12 +119,7 @@ def main(argv: list[str]) -> dict[int, dict[str, float]]:
         sampling=dataclasses.replace(cfg.loop.sampling, eos_ids=task.stop_ids, pad_id=task.pad_id),
     )
     run_dir = pathlib.Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     main_process = multihost.is_main()
-    if main_process:
-        (run_dir / "config.json").write_text(
-            json.dumps(dataclasses.asdict(cfg), indent=2, default=str) + "\n"
-        )
     print(
         f"{cfg.model} ({policy.family}, template {task.cfg.template}): {len(task)} training "
         f"problems from {cfg.data.path}, "
@@ -129,13 +134,18 @@ def main(argv: list[str]) -> dict[int, dict[str, float]]:
             print(f"eval at step {step}: {metrics}", flush=True)
         return {f"eval/{k}": v for k, v in metrics.items() if k != "problems"}
 
-    resuming = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
-    if held_out is not None and not resuming:
-        evaluate(policy.model, 0)
-    hook = None
-    if held_out is not None:
-        hook = loop.Evaluation(every=cfg.eval.every, fn=evaluate)
-    return loop.run(policy.model, task, cfg.step, loop_cfg, run_dir, evaluation=hook).history
+    with rundir.RunLock(run_dir, enabled=main_process):  # held from the first evaluation on
+        resuming = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+        if held_out is not None and not resuming:
+            evaluate(policy.model, 0)
+        hook = None
+        if held_out is not None:
+            hook = loop.Evaluation(every=cfg.eval.every, fn=evaluate)
+        config = dataclasses.asdict(cfg)
+        result = loop.run(
+            policy.model, task, cfg.step, loop_cfg, run_dir, hook, config, cfg.resume.allow
+        )
+    return result.history
 
 
 if __name__ == "__main__":

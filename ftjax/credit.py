@@ -2,7 +2,7 @@
 
 Dims: B batch, T tokens, L captured layers.
 
-gamma multiplies the group advantage token by token, for both signs (flowtracer.md, step 5).
+gamma multiplies the group advantage token by token, for both signs (docs/method.md, section 6).
 A variant is one decorated function; it declares which inputs it reads so the train step captures
 only those (attention capture is the expensive one):
 
@@ -21,7 +21,7 @@ from fractions import Fraction
 import jax
 import jax.numpy as jnp
 
-from ftjax import flow
+from ftjax import flow, masked
 
 _INPUT_FIELDS = (
     "attn_BxTxT",
@@ -237,7 +237,7 @@ def throughput(inputs: CreditInputs, cfg: CreditConfig) -> tuple[jax.Array, jax.
 
 @register("flowtracer", needs=("attn_BxTxT",))
 def flowtracer(inputs: CreditInputs, cfg: CreditConfig) -> jax.Array:
-    """Top-`top_fraction` response tokens by flow throughput get gamma (paper, step 5).
+    """Top-`top_fraction` response tokens by flow throughput get gamma (docs/method.md, sec. 6).
 
     ftjax decisions: ties go to the earlier token, tau = 0 is never selected, and a response
     without an answer span gets weight 1 everywhere.
@@ -262,12 +262,8 @@ def flowtracer_soft(inputs: CreditInputs, cfg: CreditConfig) -> jax.Array:
     """Continuous ablation: 1 + (gamma - 1) sigmoid(z), z the throughput z-score in the response."""
     tau_BxT, has_sink_Bx1 = throughput(inputs, cfg)
     response_BxT = inputs.response_mask_BxT
-    count_Bx1 = jnp.maximum(jnp.sum(response_BxT, axis=-1, keepdims=True), 1)
-    mean_Bx1 = jnp.sum(jnp.where(response_BxT, tau_BxT, 0.0), -1, keepdims=True) / count_Bx1
-    var_Bx1 = (
-        jnp.sum(jnp.where(response_BxT, (tau_BxT - mean_Bx1) ** 2, 0.0), -1, keepdims=True)
-        / count_Bx1
-    )
+    mean_Bx1 = masked.mean(tau_BxT, response_BxT, axis=-1, keepdims=True)
+    var_Bx1 = masked.mean((tau_BxT - mean_Bx1) ** 2, response_BxT, axis=-1, keepdims=True)
     z_BxT = (tau_BxT - mean_Bx1) / (jnp.sqrt(var_Bx1) + 1e-8)
     soft_BxT = 1.0 + (cfg.gamma - 1.0) * jax.nn.sigmoid(z_BxT)
     return jnp.where(response_BxT, jnp.where(has_sink_Bx1, soft_BxT, 1.0), 0.0)

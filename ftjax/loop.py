@@ -19,16 +19,17 @@ start of training, also on resume), and its log-probs are computed with the roll
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ftjax import checkpoint, multihost, rollout, sampling, sharding, train
+from ftjax import checkpoint, multihost, rollout, rundir, sampling, sharding, train
 from ftjax.checkpoint import Checkpointer
 from ftjax.logging import MetricsLogger, scalars
 
@@ -141,6 +142,19 @@ class Updates:
         return state, {k: float(np.mean([m[k] for m in every])) for k in every[0]}
 
 
+def _nonfinite_cause(metrics: dict[str, float]) -> str:
+    """The first place a non-finite value appeared in a skipped step, as the step logged it."""
+    for name, what in (
+        ("rewards", "the task's rewards"),
+        ("loss", "the loss"),
+        ("grads", "the gradients"),
+        ("update", "the update (learning rate, clipping, optimiser state)"),
+    ):
+        if metrics.get(f"nonfinite/{name}", 0.0) > 0:
+            return f"non-finite {what}"
+    return "cause not logged"
+
+
 def _collect(policy, task: rollout.Task, rows: rollout.ProcessRows, step: int, cfg, mesh, key):
     """(the step's global rollout batch, its mean response length): this process pads and scores
     its own rows; sampling runs on the global mesh."""
@@ -155,6 +169,18 @@ def _collect(policy, task: rollout.Task, rows: rollout.ProcessRows, step: int, c
     return sharding.global_batch(local, mesh), int(jnp.sum(generated.lengths_B)) / B
 
 
+def identity(model, task, step_cfg, cfg: LoopConfig, config: Mapping | None = None):
+    """The run's identity (`rundir.flatten`ed): step and loop configs, overridden by the caller's
+    full `config` where it names the same keys, plus the model's config and the task's identity."""
+    tree = {"step": step_cfg, "loop": cfg}
+    flat = rundir.flatten(tree)
+    if config is not None:
+        flat.update(rundir.flatten(config))
+    flat.update(rundir.flatten({"model": getattr(model, "cfg", {})}))
+    flat.update(rundir.flatten({"task": rundir.task_identity(task, cfg.prompts_per_step)}))
+    return flat
+
+
 def run(
     model: nnx.Module,
     task: rollout.Task,
@@ -162,22 +188,48 @@ def run(
     cfg: LoopConfig,
     run_dir: str | pathlib.Path,
     evaluation: Evaluation | None = None,
+    config: Mapping | None = None,
+    allow: Sequence[str] = (),
 ) -> RunResult:
     """Train `model` on `task` for `cfg.steps` steps, resuming from `run_dir` if it has a
     checkpoint. Returns the final state and the metrics of the steps run now, with
     `evaluation`'s scalars on the steps after which it is due. `model` itself is left unchanged.
+
+    The run directory is locked while this runs (`rundir.RunLock`). `config` (the experiment's
+    whole config, JSON-able) is written to run_dir/config.json and, with the model's and task's
+    identity, to every checkpoint: a resume under a config that differs outside `allow` (dotted
+    keys) is refused before anything is restored (`rundir.check_resume`).
 
     Multi-host (after `multihost.initialize`), every process calls this with the same arguments:
     it loads the prompts of its own batch rows, samples on the global mesh, scores its own rows,
     and joins every checkpoint save; process 0 writes the logs. `run_dir` must be on a filesystem
     every process sees. Every process returns the same metrics, except its own `time/*`."""
     run_dir = pathlib.Path(run_dir)
+    with rundir.RunLock(run_dir, enabled=multihost.is_main()):
+        return _run(model, task, step_cfg, cfg, run_dir, evaluation, config, tuple(allow))
+
+
+def _run(model, task, step_cfg, cfg: LoopConfig, run_dir, evaluation, config, allow):
+    current = identity(model, task, step_cfg, cfg, config)
+    checkpoints = Checkpointer(run_dir / "checkpoints", keep=cfg.keep_checkpoints)
+    try:
+        latest = checkpoints.latest_step()
+        if latest is not None:
+            rundir.check_resume(run_dir, checkpoints.meta().get("identity"), current, latest, allow)
+        if multihost.is_main():
+            written = config if config is not None else current
+            (run_dir / "config.json").write_text(json.dumps(written, indent=2, default=str) + "\n")
+        return _train(model, task, step_cfg, cfg, run_dir, evaluation, checkpoints, current)
+    finally:
+        checkpoints.close()
+
+
+def _train(model, task, step_cfg, cfg, run_dir, evaluation, checkpoints, current) -> RunResult:
     mesh = sharding.make_mesh(cfg.mesh)
     graphdef, state = train.init_state(model, step_cfg, jax.random.PRNGKey(cfg.seed))
     # The jitted step donates its state; copy so the caller's `model` stays usable afterwards.
     state = dataclasses.replace(state, params=jax.tree.map(jnp.copy, state.params))
     updates, state = Updates.build(graphdef, state, model, step_cfg, cfg, mesh)
-    checkpoints = Checkpointer(run_dir / "checkpoints", keep=cfg.keep_checkpoints)
     start = 0
     if checkpoints.latest_step() is not None:
         state, meta = checkpoints.restore(state)
@@ -215,14 +267,13 @@ def run(
                 logger.log(step, history[step])
             if int(state.nonfinite_streak) >= step_cfg.optim.max_nonfinite_steps:
                 raise RuntimeError(
-                    f"{int(state.nonfinite_streak)} non-finite steps in a row at "
-                    f"step {step}; last checkpoint is intact in {run_dir}"
+                    f"{int(state.nonfinite_streak)} non-finite steps in a row at step {step} "
+                    f"({_nonfinite_cause(history[step])}); last checkpoint is intact in {run_dir}"
                 )
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-                meta = {"step": step + 1, "kind": checkpoint.TRAIN_STATE}
+                meta = {"step": step + 1, "kind": checkpoint.TRAIN_STATE, "identity": current}
                 checkpoints.save(step + 1, state, meta)
     finally:
         if logger is not None:
             logger.close()
-        checkpoints.close()
     return RunResult(graphdef, state, history)

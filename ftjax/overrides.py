@@ -1,13 +1,15 @@
 """Command-line overrides of frozen config dataclasses: `--credit.name flowtracer --optim.lr 1e-6`.
 
 Each `--a.b.c value` replaces field c of the dataclass at a.b, parsed by the field's type (int,
-float, bool, str, their Optional forms, tuples of them). Unknown keys and unparsable values raise
-ValueError naming them, before anything is compiled; the dataclasses re-validate themselves.
+float, bool, str, their Optional forms, tuples of them). Unknown keys, unparsable values and
+non-finite floats (nan, inf) raise ValueError naming them, before anything is compiled; the
+dataclasses re-validate themselves.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -31,28 +33,39 @@ def _parse(text: str, annotation, key: str):
                 raise ValueError(text)
             return text.lower() in _TRUE
         if annotation in (int, float, str):
-            return annotation(text)
+            value = annotation(text)
     except ValueError:
         raise ValueError(f"--{key}: cannot parse {text!r} as {annotation.__name__}") from None
+    if annotation is float and not math.isfinite(value):
+        raise ValueError(f"--{key}: {text!r} is not a finite number")
+    if annotation in (int, float, str):
+        return value
     raise ValueError(f"--{key}: fields of type {annotation} cannot be set from the command line")
 
 
-def _replace(cfg, path: list[str], text: str, key: str):
+def _replace(cfg, changes: list[tuple[list[str], str, str]]):
+    """`cfg` with every (path, text, key) change applied, each dataclass rebuilt once with all of
+    its changes, so cross-field checks see the final values whatever the flags' order."""
     if not dataclasses.is_dataclass(cfg):
-        raise ValueError(f"unknown config key --{key}")
+        raise ValueError(f"unknown config key --{changes[0][2]}")
     hints = typing.get_type_hints(type(cfg))
     fields = {f.name for f in dataclasses.fields(cfg)}
-    name = path[0]
-    if name not in fields:
-        raise ValueError(
-            f"unknown config key --{key} ({type(cfg).__name__} has: {', '.join(sorted(fields))})"
-        )
-    if len(path) == 1:
-        value = getattr(cfg, name)
-        if dataclasses.is_dataclass(value):
-            raise ValueError(f"--{key} is a group; set one of its fields, e.g. --{key}.<field>")
-        return dataclasses.replace(cfg, **{name: _parse(text, hints[name], key)})
-    return dataclasses.replace(cfg, **{name: _replace(getattr(cfg, name), path[1:], text, key)})
+    values, nested = {}, {}
+    for path, text, key in changes:
+        name = path[0]
+        if name not in fields:
+            known = ", ".join(sorted(fields))
+            raise ValueError(f"unknown config key --{key} ({type(cfg).__name__} has: {known})")
+        if len(path) == 1:
+            if dataclasses.is_dataclass(getattr(cfg, name)):
+                raise ValueError(f"--{key} is a group; set one of its fields, e.g. --{key}.<field>")
+            values[name] = _parse(text, hints[name], key)
+            nested.pop(name, None)
+        else:
+            nested.setdefault(name, []).append((path[1:], text, key))
+    for name, inner in nested.items():
+        values[name] = _replace(values.get(name, getattr(cfg, name)), inner)
+    return dataclasses.replace(cfg, **values) if values else cfg
 
 
 def _pairs(argv: Sequence[str]) -> list[tuple[str, str]]:
@@ -83,6 +96,5 @@ def peek(argv: Sequence[str], key: str) -> str | None:
 
 def apply(cfg, argv: Sequence[str]):
     """`cfg` with every `--dotted.key value` (or `--dotted.key=value`) of `argv` applied."""
-    for key, text in _pairs(argv):
-        cfg = _replace(cfg, key.split("."), text, key)
-    return cfg
+    changes = [(key.split("."), text, key) for key, text in _pairs(argv)]
+    return _replace(cfg, changes) if changes else cfg

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import pathlib
 
 import jax
@@ -37,10 +38,22 @@ class OptimConfig:
     max_nonfinite_steps: int = 3  # consecutive skipped steps before the loop stops
 
     def __post_init__(self):
-        if not self.lr > 0:
-            raise ValueError(f"OptimConfig.lr must be > 0, got {self.lr}")
-        if self.grad_clip <= 0:
-            raise ValueError(f"OptimConfig.grad_clip must be > 0, got {self.grad_clip}")
+        for name in ("lr", "grad_clip"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"OptimConfig.{name} must be finite and > 0, got {value}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(
+                f"OptimConfig.weight_decay must be finite and >= 0, got {self.weight_decay}"
+            )
+        for name in ("b1", "b2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"OptimConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(
+                f"OptimConfig.max_nonfinite_steps must be >= 1 (the loop stops after that many "
+                f"skipped steps in a row), got {self.max_nonfinite_steps}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +63,15 @@ class StepConfig:
     credit: credit_lib.CreditConfig = credit_lib.CreditConfig()
     capture: CaptureSpec = CaptureSpec()
     optim: OptimConfig = OptimConfig()
+
+    def __post_init__(self):
+        if self.group_size < 1:
+            raise ValueError(f"StepConfig.group_size must be >= 1, got {self.group_size}")
+        if self.loss.scale_advantages and self.group_size < 2:
+            raise ValueError(
+                "StepConfig.group_size 1 with loss.scale_advantages: a group of one response has "
+                "no standard deviation; use group_size >= 2 or --step.loss.scale_advantages false"
+            )
 
 
 @jax.tree_util.register_dataclass
@@ -163,9 +185,17 @@ def _credit_metrics(gamma_BxT, batch: Batch, entropy_BxT):
     }
 
 
+def _all_finite(tree) -> jax.Array:
+    """Whether every float leaf of `tree` is finite everywhere."""
+    leaves = jax.tree.leaves(tree)
+    flags = [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return functools.reduce(jnp.logical_and, flags, jnp.asarray(True))
+
+
 def train_step(graphdef, state: TrainState, batch: Batch, cfg: StepConfig):
-    """One policy-gradient update; the step is skipped (and counted) if loss or grads are
-    non-finite, so no non-finite value ever enters the state."""
+    """One policy-gradient update; the step is skipped (and counted) if the rewards, the loss,
+    the gradients, or the new parameters and optimiser state hold a non-finite value, so no
+    non-finite value ever enters the state."""
     rng, credit_rng = jax.random.split(state.rng)
     spec = _capture_spec(cfg, batch)
     advantages_B = rl.group_advantages(
@@ -195,7 +225,15 @@ def train_step(graphdef, state: TrainState, batch: Batch, cfg: StepConfig):
     updates, opt_state = optimizer(cfg.optim).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # Where a non-finite value would come from, in the order it would spread: each is logged
+    # (`nonfinite/*`), and any of them skips the step.
+    checks = {
+        "rewards": jnp.all(jnp.isfinite(batch.rewards_B)),
+        "loss": jnp.isfinite(loss),
+        "grads": jnp.isfinite(grad_norm),
+        "update": _all_finite(params) & _all_finite(opt_state),
+    }
+    finite = functools.reduce(jnp.logical_and, checks.values())
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
     new_state = TrainState(
         params=keep(params, state.params),
@@ -210,6 +248,7 @@ def train_step(graphdef, state: TrainState, batch: Batch, cfg: StepConfig):
         "advantage_abs_mean": jnp.mean(jnp.abs(advantages_B)),
         "reward_mean": jnp.mean(batch.rewards_B),
         "skipped_nonfinite": 1.0 - finite,
+        **{f"nonfinite/{name}": 1.0 - ok for name, ok in checks.items()},
     }
     return new_state, metrics
 

@@ -236,7 +236,6 @@ def test_limit_stops_after_that_many_examples(tmp_path):
         ({"path": "x.csv"}, r"\.csv"),
         ({"path": "x.jsonl", "on_bad_row": "ignore"}, "ignore"),
         ({"path": "x.jsonl", "limit": 0}, "limit"),
-        ({"path": "x.jsonl", "preset": "math", "fields": FieldMap(prompt="q")}, "pick one"),
     ],
 )
 def test_bad_config_is_a_value_error(kwargs, match):
@@ -251,8 +250,20 @@ def test_bad_field_path_is_a_value_error(prompt):
 
 
 def test_missing_file_is_a_value_error(tmp_path):
-    with pytest.raises(ValueError, match="nowhere.jsonl"):
+    with pytest.raises(ValueError, match="nowhere.jsonl.* does not exist"):
         load(DataConfig(str(tmp_path / "nowhere.jsonl")))
+    (tmp_path / "folder.jsonl").mkdir()
+    with pytest.raises(ValueError, match="folder.jsonl.* is a directory"):
+        load(DataConfig(str(tmp_path / "folder.jsonl")))
+
+
+def test_field_map_overrides_the_preset_field_by_field(tmp_path):
+    """GSM8K's answer rule (the number after ####) with the question under another name."""
+    path = tmp_path / "renamed.jsonl"
+    path.write_text('{"q": "What is 2 + 3?", "answer": "2 + 3 = 5\\n#### 5"}\n')
+    cfg = DataConfig(str(path), preset="gsm8k", fields=FieldMap(prompt="q"))
+    (example,), problems = load(cfg)
+    assert not problems and (example.prompt, example.answer) == ("What is 2 + 3?", "5")
 
 
 def test_unreadable_parquet_is_a_value_error(tmp_path):

@@ -2,6 +2,8 @@
 it returns, checkpoint, and resume to exactly the same metrics."""
 
 import dataclasses
+import json
+import pathlib
 
 import chex
 import jax
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ftjax import credit, loop, rl, rollout, sampling, sharding, train
+from ftjax import credit, loop, rl, rollout, rundir, sampling, sharding, train
 from ftjax.logging import read_jsonl
 from ftjax.models import config, transformer
 
@@ -151,7 +153,11 @@ def test_non_finite_streak_stops_the_run_and_keeps_no_bad_state(tmp_path):
         credit=credit.CreditConfig(name="uniform"),
         optim=train.OptimConfig(lr=1e-3, max_nonfinite_steps=2),
     )
-    with pytest.raises(RuntimeError, match="2 non-finite steps in a row at step 1"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"2 non-finite steps in a row at step 1 \(non-finite "
+        r"the task's rewards\)",
+    ):
         loop.run(fresh_model(), NanRewardTask(), step_cfg, loop_cfg(4), tmp_path)
     logged = read_jsonl(tmp_path / "metrics.jsonl")
     assert [logged[s]["skipped_nonfinite"] for s in (0, 1)] == [1.0, 1.0]
@@ -238,3 +244,104 @@ def test_minibatches_must_hold_whole_groups():
         dataclasses.replace(loop_cfg(1), prompts_per_step=3, minibatches=2)
     with pytest.raises(ValueError, match="epochs"):
         dataclasses.replace(loop_cfg(1), epochs=0)
+
+
+# ----------------------------------------------------------------------------- run identity, lock
+
+UNIFORM_STEP = dataclasses.replace(STEP, credit=credit.CreditConfig(name="uniform"))
+
+
+def test_resume_with_another_credit_is_refused_and_config_json_kept(tmp_path):
+    loop.run(fresh_model(), EchoTask(), STEP, loop_cfg(2), tmp_path)
+    written = (tmp_path / "config.json").read_text()
+    with pytest.raises(ValueError, match=r"step\.credit\.name .*flowtracer.*uniform"):
+        loop.run(fresh_model(), EchoTask(), UNIFORM_STEP, loop_cfg(4), tmp_path)
+    wider = transformer.Transformer(
+        config.tiny("llama", vocab_size=32, hidden_size=48, num_heads=4, head_dim=12),
+        rngs=nnx.Rngs(0),
+    )
+    with pytest.raises(ValueError, match=r"model\.hidden_size"):  # before any restore
+        loop.run(wider, EchoTask(), STEP, loop_cfg(4), tmp_path)
+    assert (tmp_path / "config.json").read_text() == written
+    assert sorted(read_jsonl(tmp_path / "metrics.jsonl")) == [0, 1]  # nothing was trained
+    assert not (tmp_path / "config_history.jsonl").exists()
+
+
+def test_allowed_change_is_recorded_and_training_continues(tmp_path):
+    loop.run(fresh_model(), EchoTask(), STEP, loop_cfg(2), tmp_path)
+    allow = ("step.credit.name",)
+    result = loop.run(fresh_model(), EchoTask(), UNIFORM_STEP, loop_cfg(3), tmp_path, allow=allow)
+    assert sorted(result.history) == [2]
+    (record,) = [json.loads(line) for line in (tmp_path / "config_history.jsonl").open()]
+    assert record["step"] == 2
+    assert record["changes"]["step.credit.name"] == {"was": '"flowtracer"', "now": '"uniform"'}
+    assert record["changes"]["loop.steps"] == {"was": "2", "now": "3"}  # volatile, still logged
+    assert json.loads((tmp_path / "config.json").read_text())["step.credit.name"] == '"uniform"'
+
+
+class SlowEchoTask(EchoTask):
+    """EchoTask that pauses before step 2's prompts, so another run can try the directory."""
+
+    def prompts(self, start, count):
+        if start == 2 * count:
+            import time
+
+            time.sleep(20)
+        return super().prompts(start, count)
+
+
+HOLDER = """
+import sys
+from tests.test_loop import STEP, SlowEchoTask, fresh_model, loop_cfg
+from ftjax import loop
+loop.run(fresh_model(), SlowEchoTask(), STEP, loop_cfg(4), sys.argv[1])
+"""
+
+
+def test_second_run_on_a_directory_in_use_is_refused_and_the_first_finishes(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "shared"
+    root = pathlib.Path(__file__).resolve().parents[1]
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(run_dir)],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / "checkpoints" / "2").is_dir():  # inside the pause before step 2
+            if time.time() > deadline or child.poll() is not None:
+                pytest.fail("the first run never reached its checkpoint at step 2")
+            time.sleep(0.2)
+        with pytest.raises(rundir.RunDirInUseError, match=f"in use by pid {child.pid} on "):
+            loop.run(fresh_model(), EchoTask(), STEP, loop_cfg(4), run_dir)
+        assert child.wait(timeout=600) == 0
+    finally:
+        child.kill()
+    full = loop.run(fresh_model(), EchoTask(), STEP, loop_cfg(4), tmp_path / "full").history
+    logged = read_jsonl(run_dir / "metrics.jsonl")
+    assert sorted(logged) == [0, 1, 2, 3]
+    for step in range(4):
+        assert exact(logged[step]) == exact(full[step]), step
+    assert not (run_dir / rundir.LOCK).exists()  # released at the end
+
+
+def test_stale_lock_from_a_dead_process_is_taken_over(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    tmp_path.mkdir(exist_ok=True)
+    lock = tmp_path / rundir.LOCK
+    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "since": 0}))
+    result = loop.run(fresh_model(), EchoTask(), STEP, loop_cfg(1), tmp_path)
+    assert sorted(result.history) == [0] and not lock.exists()
+    lock.write_text(json.dumps({"pid": 1, "host": "another-host", "since": 0}))
+    with pytest.raises(rundir.RunDirInUseError, match="another-host"):  # not checkable: refused
+        loop.run(fresh_model(), EchoTask(), STEP, loop_cfg(2), tmp_path)

@@ -40,9 +40,25 @@ def test_overrides_reach_nested_fields_with_their_types():
     (["--steps"], "needs a value"),
     (["steps", "3"], "expected --key value"),
     (["--step.credit.name", "nope"], "unknown credit variant 'nope'"),
-    (["--step.optim.lr", "-1"], "lr must be > 0"),
+    (["--step.optim.lr", "-1"], "lr must be finite and > 0"),
+    (["--step.optim.lr", "inf"], "--step.optim.lr: 'inf' is not a finite number"),
     (["--steps.x", "1"], "unknown config key --steps.x"),
 ])
 def test_bad_overrides_are_rejected_with_the_key(argv, message):
     with pytest.raises(ValueError, match=message):
         overrides.apply(Run(), argv)
+
+
+def test_cross_field_checks_see_the_final_values_in_any_flag_order():
+    """StepConfig refuses group_size 1 with std-scaled advantages; turning scaling off in the
+    same command line is fine whichever flag comes first."""
+    for argv in (
+        ["--step.group_size", "1", "--step.loss.scale_advantages", "false"],
+        ["--step.loss.scale_advantages", "false", "--step.group_size", "1"],
+    ):
+        cfg = overrides.apply(Run(), argv)
+        assert cfg.step.group_size == 1 and not cfg.step.loss.scale_advantages
+    with pytest.raises(ValueError, match="group_size 1"):
+        overrides.apply(Run(), ["--step.group_size", "1"])
+    # A later flag wins over an earlier one for the same field.
+    assert overrides.apply(Run(), ["--steps", "3", "--steps", "4"]).steps == 4

@@ -195,3 +195,49 @@ def test_kl_term_against_the_initial_policy_matches_float64():
 
 def state_params(model):
     return nnx.state(model, nnx.Param)
+
+
+def test_nonfinite_update_is_skipped_and_named():
+    """An infinite learning rate (which config validation refuses; forced here as a schedule
+    gone wrong would) makes every new parameter non-finite: the step keeps the old state."""
+    optim = train.OptimConfig(lr=1e-3)
+    object.__setattr__(optim, "lr", float("inf"))
+    cfg = dataclasses.replace(CFG, optim=optim)
+    model = transformer.Transformer(MODEL, rngs=nnx.Rngs(0))
+    graphdef, state = train.init_state(model, cfg, jax.random.PRNGKey(0))
+    before = as_numpy(state.params)
+    mesh = sharding.make_mesh(sharding.MeshConfig(1, 1))
+    step_fn, state = train.make_train_step(graphdef, state, make_batch(), cfg, mesh)
+    state, metrics = step_fn(state, make_batch())
+    assert float(metrics["skipped_nonfinite"]) == 1.0
+    assert float(metrics["nonfinite/update"]) == 1.0 and float(metrics["nonfinite/loss"]) == 0.0
+    for got, want in zip(as_numpy(state.params), before, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert int(state.nonfinite_streak) == 1 and int(state.step) == 0
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: train.OptimConfig(lr=float("inf")), "lr must be finite"),
+        (lambda: train.OptimConfig(lr=float("nan")), "lr must be finite"),
+        (lambda: train.OptimConfig(grad_clip=float("nan")), "grad_clip must be finite"),
+        (lambda: train.OptimConfig(weight_decay=float("inf")), "weight_decay"),
+        (lambda: train.OptimConfig(b2=1.0), "b2"),
+        (lambda: train.OptimConfig(max_nonfinite_steps=0), "max_nonfinite_steps"),
+        (lambda: train.StepConfig(group_size=1), "group_size 1"),
+    ],
+)
+def test_configs_that_can_never_work_are_refused(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_command_line_refuses_non_finite_floats():
+    from ftjax import overrides
+
+    for text in ("inf", "nan", "-inf"):
+        with pytest.raises(ValueError, match="not a finite number"):
+            overrides.apply(train.StepConfig(), ["--optim.lr", text])
+    no_scaling = ["--group_size", "1", "--loss.scale_advantages", "false"]
+    assert overrides.apply(train.StepConfig(), no_scaling).group_size == 1

@@ -151,8 +151,8 @@ PRESETS: dict[str, Preset] = {
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     path: str
-    preset: str | None = None  # one of PRESETS, or None to use `fields`
-    fields: FieldMap = FieldMap()
+    preset: str | None = None  # one of PRESETS (its field names and answer rule), or None
+    fields: FieldMap = FieldMap()  # a field set here (not left at its default) beats the preset's
     on_bad_row: str = "skip"  # "skip" (report and continue) or "error" (raise on the first)
     limit: int | None = None  # stop after this many examples
 
@@ -166,11 +166,6 @@ class DataConfig:
             )
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"DataConfig.preset {self.preset!r} is not one of {sorted(PRESETS)}")
-        # Both set would leave one silently ignored.
-        if self.preset is not None and self.fields != FieldMap():
-            raise ValueError(
-                f"DataConfig sets both preset {self.preset!r} and fields {self.fields}; pick one"
-            )
         if self.on_bad_row not in ON_BAD_ROW:
             raise ValueError(
                 f"DataConfig.on_bad_row must be one of {ON_BAD_ROW}, got {self.on_bad_row!r}"
@@ -225,6 +220,8 @@ def _parquet_rows(path: str) -> Iterator[Row]:
 
 
 def _rows(path: str) -> Iterator[Row]:
+    if pathlib.Path(path).is_dir():
+        raise ValueError(f"data file {path!r} is a directory, not a file")
     if not pathlib.Path(path).is_file():
         raise ValueError(f"data file {path!r} does not exist")
     suffix = pathlib.Path(path).suffix.lower()
@@ -243,9 +240,23 @@ def _example(row: object, preset: Preset, source: str) -> Example:
     return Example(prompt, answer, solution, source)
 
 
+def effective_preset(cfg: DataConfig) -> Preset:
+    """The preset's answer rule and field names, each field name replaced by the one `cfg.fields`
+    sets (a field left at FieldMap's default keeps the preset's name)."""
+    if cfg.preset is None:
+        return Preset(cfg.fields)
+    preset, default = PRESETS[cfg.preset], FieldMap()
+    chosen = {
+        f.name: getattr(cfg.fields, f.name)
+        for f in dataclasses.fields(FieldMap)
+        if getattr(cfg.fields, f.name) != getattr(default, f.name)
+    }
+    return dataclasses.replace(preset, fields=dataclasses.replace(preset.fields, **chosen))
+
+
 def load(cfg: DataConfig) -> tuple[list[Example], list[str]]:
     """(examples, problems): problems are "source: why" for each skipped row, in file order."""
-    preset = PRESETS[cfg.preset] if cfg.preset is not None else Preset(cfg.fields)
+    preset = effective_preset(cfg)
     examples, problems = [], []
     for source, row, unreadable in _rows(cfg.path):
         try:

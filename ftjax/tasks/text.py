@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ftjax import rundir
 from ftjax.tasks import data, verifiers
 
 
@@ -113,6 +114,11 @@ class TextTask:
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def fingerprint(self) -> str:
+        """A digest of the examples and their prompt ids, in order: what a run trains on."""
+        rows = zip(self.examples, self.prompt_ids, strict=True)
+        return rundir.digest((e.prompt, e.answer, ids) for e, ids in rows)
 
     def example_index(self, i: int) -> int:
         """Which example stream position i shows: epoch i // n, in that epoch's permutation."""
