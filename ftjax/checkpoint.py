@@ -6,6 +6,13 @@ state is, so a policy is restored from either without guessing. Orbax writes
 into a temporary directory and renames it when complete, so a crash or SIGKILL mid-write leaves the
 previous checkpoint as the latest loadable one. A state with a non-finite value is never written.
 
+Every saved array's checksum is stored in the record and verified on restore: a damaged,
+truncated or incomplete checkpoint is reported in one line and `restore_intact` falls back to the
+newest one that verifies, moving the damaged one aside (`damaged_checkpoints/` next to the
+checkpoint directory) so that the run can write that step again. The checksums are wrap-around
+uint32 sums of each array's raw bits, plain and position-weighted: exact integer arithmetic, so
+the same on any mesh and any number of hosts; they catch damage, not tampering.
+
 Multi-process, every method is collective: every process calls it, with the same arguments, on a
 directory they all see. Each process writes the shards it holds; Orbax lets process 0 alone
 create, finalise (rename) and delete checkpoint directories.
@@ -14,6 +21,9 @@ create, finalise (rename) and delete checkpoint directories.
 from __future__ import annotations
 
 import pathlib
+import shutil
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -21,6 +31,48 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 TRAIN_STATE, PARAMS = "train_state", "params"  # the `kind` a checkpoint's record names
+
+
+class CheckpointDamagedError(ValueError):
+    """A checkpoint that cannot be read back, or reads back other bits than were saved."""
+
+
+def _bits_u32(x):
+    """Each element's raw bits as uint32 (narrower types widened, bool as 0/1)."""
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_ or x.dtype.itemsize == 1:
+        return x.astype(jnp.uint32)
+    if x.dtype.itemsize == 2:
+        return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    if x.dtype.itemsize == 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    raise ValueError(f"cannot checksum dtype {x.dtype}")
+
+
+@jax.jit
+def _checksums(tree):
+    def one(x):
+        bits = _bits_u32(x).reshape(-1)
+        weight = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+        plain, weighted = jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weight, dtype=jnp.uint32)
+        return jnp.stack([plain, weighted])
+
+    return jax.tree.map(one, tree)
+
+
+def checksums(state) -> dict[str, list[int]]:
+    """Leaf path -> [sum of bits, position-weighted sum of bits], each mod 2^32."""
+    sums = jax.device_get(_checksums(state))
+    return {
+        jax.tree_util.keystr(path): [int(v) for v in leaf]
+        for path, leaf in jax.tree_util.tree_leaves_with_path(sums)
+    }
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    line = f"{type(error).__name__}: {text[0] if text else ''}"
+    return line if len(line) <= 160 else line[:157] + "..."
 
 
 class Checkpointer:
@@ -32,7 +84,8 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def save(self, step: int, state, meta: dict[str, Any]) -> None:
-        """Write `state` and `meta` (JSON-serialisable) as checkpoint `step`; blocks until done."""
+        """Write `state` and `meta` (JSON-serialisable, plus the state's checksums) as checkpoint
+        `step`; blocks until done."""
         bad = [
             jax.tree_util.keystr(path)
             for path, leaf in jax.tree_util.tree_leaves_with_path(state)
@@ -41,6 +94,7 @@ class Checkpointer:
         ]
         if bad:
             raise ValueError(f"refusing to checkpoint a state with non-finite values in {bad[:5]}")
+        meta = {**meta, "checksums": checksums(state)}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self._manager.save(step, args=args, force=True)
         self._manager.wait_until_finished()
@@ -53,9 +107,7 @@ class Checkpointer:
         self._manager.reload()
         return list(self._manager.all_steps())
 
-    def restore(self, like_state, step: int | None = None):
-        """(state, meta) of checkpoint `step` (default: the latest complete one). `like_state` is
-        a state (or tree of ShapeDtypeStructs, with shardings) giving structure and placement."""
+    def _check_step(self, step: int | None) -> int:
         step = self.latest_step() if step is None else step
         if step is None:
             raise ValueError(f"no complete checkpoint in {self.directory}")
@@ -63,20 +115,78 @@ class Checkpointer:
             raise ValueError(
                 f"no checkpoint for step {step} in {self.directory}; have {self.all_steps()}"
             )
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-        )
-        restored = self._manager.restore(step, args=args)
-        return restored.state, restored.meta
+        return step
 
     def meta(self, step: int | None = None) -> dict[str, Any]:
         """The JSON record of checkpoint `step` (default: the latest complete one), alone."""
-        step = self.latest_step() if step is None else step
-        if step is None or step not in self.all_steps():
-            raise ValueError(f"no complete checkpoint for step {step} in {self.directory}")
-        args = ocp.args.Composite(meta=ocp.args.JsonRestore())
-        return self._manager.restore(step, args=args).meta
+        record = self._record(self._check_step(step))
+        return {k: v for k, v in record.items() if k != "checksums"}
+
+    def _record(self, step: int) -> dict[str, Any]:
+        try:
+            args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+            record = self._manager.restore(step, args=args).meta
+        except Exception as error:  # Orbax/TensorStore raise many kinds; all mean unreadable
+            raise CheckpointDamagedError(
+                f"checkpoint {step} in {self.directory}: its record is unreadable "
+                f"({_first_line(error)})"
+            ) from None
+        if not isinstance(record, dict):
+            raise CheckpointDamagedError(f"checkpoint {step} in {self.directory}: bad record")
+        return record
+
+    def restore(self, like_state, step: int | None = None):
+        """(state, meta) of checkpoint `step` (default: the latest complete one). `like_state` is
+        a state (or tree of ShapeDtypeStructs, with shardings) giving structure and placement.
+        Raises CheckpointDamagedError when it cannot be read or its checksums do not match."""
+        step = self._check_step(step)
+        record = self._record(step)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        try:
+            state = self._manager.restore(step, args=args).state
+        except Exception as error:  # as in `meta`
+            raise CheckpointDamagedError(
+                f"checkpoint {step} in {self.directory}: its arrays are unreadable "
+                f"({_first_line(error)})"
+            ) from None
+        saved = record.pop("checksums", None)
+        if saved is not None:
+            got = checksums(state)
+            wrong = sorted(k for k in set(saved) | set(got) if saved.get(k) != got.get(k))
+            if wrong:
+                raise CheckpointDamagedError(
+                    f"checkpoint {step} in {self.directory}: {len(wrong)} arrays read back other "
+                    f"bits than were saved ({', '.join(wrong[:3])})"
+                )
+        return state, record
+
+    def restore_intact(self, like_state, check: Callable[[dict], None] | None = None):
+        """(state, meta) of the newest checkpoint that reads back and verifies. `check(meta)` runs
+        on each candidate's record first (a ValueError from it stops everything: a refused
+        resume is not damage). Each damaged newer checkpoint is reported on stderr in one line
+        and moved to damaged_checkpoints/ beside the checkpoint directory."""
+        steps = sorted(self.all_steps(), reverse=True)
+        for i, step in enumerate(steps):
+            try:
+                meta = self.meta(step)
+                if check is not None:
+                    check(meta)
+                return self.restore(like_state, step)
+            except CheckpointDamagedError as error:
+                later = f"falling back to checkpoint {steps[i + 1]}" if i + 1 < len(steps) else ""
+                print(f"{error}; {later or 'no older checkpoint'}", file=sys.stderr, flush=True)
+                self._move_aside(step)
+        raise ValueError(f"no intact checkpoint in {self.directory} (tried {steps})")
+
+    def _move_aside(self, step: int) -> None:
+        if jax.process_index() == 0:
+            aside = self.directory.parent / "damaged_checkpoints" / str(step)
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            if aside.exists():
+                shutil.rmtree(aside)
+            shutil.move(str(self.directory / str(step)), str(aside))
+        self._manager.reload()
 
     def close(self) -> None:
         self._manager.close()

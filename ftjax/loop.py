@@ -23,6 +23,7 @@ import json
 import pathlib
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -114,6 +115,7 @@ class Updates:
         whole = rollout.batch_like(B, T, reference=kl)
         part = rollout.batch_like(B // cfg.minibatches, T, reference=kl, gamma=several)
         step_fn, state = train.make_train_step(graphdef, state, part, step_cfg, mesh)
+        train.check_fits(step_fn, state, part, mesh)
         prepare = minibatch = reference = None
         if several:
             prepare = train.make_prepare(graphdef, state, whole, step_cfg, mesh)
@@ -213,27 +215,42 @@ def _run(model, task, step_cfg, cfg: LoopConfig, run_dir, evaluation, config, al
     current = identity(model, task, step_cfg, cfg, config)
     checkpoints = Checkpointer(run_dir / "checkpoints", keep=cfg.keep_checkpoints)
     try:
-        latest = checkpoints.latest_step()
-        if latest is not None:
-            rundir.check_resume(run_dir, checkpoints.meta().get("identity"), current, latest, allow)
+        mesh = sharding.make_mesh(cfg.mesh)
+        graphdef, state = train.init_state(model, step_cfg, jax.random.PRNGKey(cfg.seed))
+        # The jitted step donates its state; copy so the caller's `model` stays usable afterwards.
+        state = dataclasses.replace(state, params=jax.tree.map(jnp.copy, state.params))
+        updates, state = Updates.build(graphdef, state, model, step_cfg, cfg, mesh)
+        start = 0
+        if checkpoints.latest_step() is not None:  # the identity is checked before any restore
+
+            def same_run(meta):
+                stored = meta.get("identity")
+                rundir.check_resume(run_dir, stored, current, int(meta["step"]), allow)
+
+            state, meta = checkpoints.restore_intact(state, same_run)
+            start = int(meta["step"])
         if multihost.is_main():
             written = config if config is not None else current
             (run_dir / "config.json").write_text(json.dumps(written, indent=2, default=str) + "\n")
-        return _train(model, task, step_cfg, cfg, run_dir, evaluation, checkpoints, current)
+        placed = _Placed(graphdef, state, updates, mesh, start, current)
+        return _train(task, step_cfg, cfg, run_dir, evaluation, checkpoints, placed)
     finally:
         checkpoints.close()
 
 
-def _train(model, task, step_cfg, cfg, run_dir, evaluation, checkpoints, current) -> RunResult:
-    mesh = sharding.make_mesh(cfg.mesh)
-    graphdef, state = train.init_state(model, step_cfg, jax.random.PRNGKey(cfg.seed))
-    # The jitted step donates its state; copy so the caller's `model` stays usable afterwards.
-    state = dataclasses.replace(state, params=jax.tree.map(jnp.copy, state.params))
-    updates, state = Updates.build(graphdef, state, model, step_cfg, cfg, mesh)
-    start = 0
-    if checkpoints.latest_step() is not None:
-        state, meta = checkpoints.restore(state)
-        start = int(meta["step"])
+class _Placed(NamedTuple):
+    """A run ready to step: the state on the mesh (restored if resuming) and its functions."""
+
+    graphdef: nnx.GraphDef
+    state: train.TrainState
+    updates: Updates
+    mesh: jax.sharding.Mesh
+    start: int  # the first step to run
+    identity: dict[str, str]
+
+
+def _train(task, step_cfg, cfg, run_dir, evaluation, checkpoints, placed: _Placed) -> RunResult:
+    graphdef, state, updates, mesh, start, current = placed
     rows = rollout.ProcessRows.of(cfg.prompts_per_step, step_cfg.group_size, mesh)
     sample_key = jax.random.PRNGKey(cfg.seed + 1)
     logger = (

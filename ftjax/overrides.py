@@ -90,11 +90,41 @@ def _pairs(argv: Sequence[str]) -> list[tuple[str, str]]:
 def peek(argv: Sequence[str], key: str) -> str | None:
     """The text of the last `--key` in argv, or None: for what must happen before the config is
     built (importing `--plugins`, whose credit variants the config then validates)."""
+    if "--help" in argv or "-h" in argv:
+        return None  # `apply` prints the fields and exits
     texts = [text for k, text in _pairs(argv) if k == key]
     return texts[-1] if texts else None
 
 
+def _type_name(annotation) -> str:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(annotation))
+    if typing.get_origin(annotation) is tuple:
+        return f"{_type_name(typing.get_args(annotation)[0])},..."
+    return "none" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
+
+
+def usage(cfg, prefix: str = "") -> list[str]:
+    """One line per settable field of `cfg`: `--dotted.key TYPE (default VALUE)`."""
+    hints = typing.get_type_hints(type(cfg))
+    lines = []
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if dataclasses.is_dataclass(value):
+            lines += usage(value, f"{prefix}{field.name}.")
+        else:
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+            kind = _type_name(hints[field.name])
+            lines.append(f"--{prefix}{field.name} {kind} (default {shown})")
+    return lines
+
+
 def apply(cfg, argv: Sequence[str]):
-    """`cfg` with every `--dotted.key value` (or `--dotted.key=value`) of `argv` applied."""
+    """`cfg` with every `--dotted.key value` (or `--dotted.key=value`) of `argv` applied.
+    `--help` (or `-h`) prints every settable field with its type and default, and exits."""
+    if "--help" in argv or "-h" in argv:
+        print(f"{type(cfg).__name__} fields (set with --key value):")
+        print("\n".join(f"  {line}" for line in usage(cfg)))
+        raise SystemExit(0)
     changes = [(key.split("."), text, key) for key, text in _pairs(argv)]
     return _replace(cfg, changes) if changes else cfg

@@ -296,6 +296,38 @@ def make_train_step(
     return step_fn, jax.device_put(state, placed)
 
 
+def planned_bytes(step_fn, state: TrainState, batch: Batch) -> int:
+    """Per-device bytes XLA plans for one step: arguments, outputs and temporaries, less what the
+    donated state lets it reuse."""
+    stats = step_fn.lower(state, batch).compile().memory_analysis()
+    return int(
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        + stats.temp_size_in_bytes
+        - stats.alias_size_in_bytes
+    )
+
+
+def device_memory_limit(mesh: jax.sharding.Mesh) -> int | None:
+    """Bytes one device of the mesh can hold, where the backend says (GPU, TPU); None on CPU."""
+    stats = mesh.devices.flat[0].memory_stats()
+    return None if not stats else stats.get("bytes_limit")
+
+
+def check_fits(step_fn, state: TrainState, batch: Batch, mesh: jax.sharding.Mesh) -> None:
+    """Refuse, before the first rollout, a step that cannot fit on the mesh's devices."""
+    limit = device_memory_limit(mesh)
+    if limit is None:
+        return
+    planned = planned_bytes(step_fn, state, batch)
+    if planned > limit:
+        raise ValueError(
+            f"the train step plans {planned / 2**30:.2f} GiB per device, over the device's "
+            f"{limit / 2**30:.2f} GiB: use fewer prompts per step or responses per prompt, "
+            "shorter prompts or responses, more minibatches, or a larger fsdp axis"
+        )
+
+
 def make_prepare(graphdef, state: TrainState, batch: Batch, cfg: StepConfig, mesh):
     """`prepare` jitted for this mesh: fn(state, batch) -> batch with old log-probs and gamma
     (state read, not donated). `batch` gives shapes (without gamma)."""

@@ -98,3 +98,41 @@ def test_sigkill_during_write_leaves_previous_checkpoint_loadable(tmp_path):
     state, meta = ckpt.restore({"w": jnp.zeros((4,))})
     assert meta == {"step": 1}
     np.testing.assert_array_equal(np.asarray(state["w"]), np.ones(4))
+
+
+def test_restore_verifies_every_array_against_its_saved_checksum(tmp_path):
+    """Bits that decode but differ from what was saved (simulated by changing one stored
+    checksum) are caught; the record returned to callers does not carry the checksums."""
+    import json
+
+    from ftjax.checkpoint import CheckpointDamagedError, checksums
+
+    ckpt = Checkpointer(tmp_path, keep=2)
+    state = make_state(1)
+    ckpt.save(1, state, {"step": 1})
+    _, meta = ckpt.restore(make_state(9))
+    assert meta == {"step": 1} and ckpt.meta() == {"step": 1}
+    record_file = tmp_path / "1" / "meta" / "metadata"
+    record = json.loads(record_file.read_text())
+    assert record["checksums"] == checksums(state)
+    key = sorted(record["checksums"])[0]
+    record["checksums"][key][1] ^= 1
+    record_file.write_text(json.dumps(record))
+    with pytest.raises(CheckpointDamagedError, match="1 arrays read back other bits"):
+        ckpt.restore(make_state(9))
+    ckpt.close()
+
+
+def test_checksums_see_a_single_flipped_bit_and_a_swap():
+    from ftjax.checkpoint import checksums
+
+    x = jnp.arange(12, dtype=jnp.float32).reshape(3, 4) / 7
+    flipped = jax.lax.bitcast_convert_type(
+        jax.lax.bitcast_convert_type(x, jnp.uint32).at[1, 2].add(1), jnp.float32
+    )
+    swapped = x.at[0, 0].set(x[0, 1]).at[0, 1].set(x[0, 0])
+    base = checksums({"x": x})["['x']"]
+    assert checksums({"x": flipped})["['x']"][0] != base[0]  # the plain sum moves
+    assert checksums({"x": swapped})["['x']"][0] == base[0]  # ... but not for a swap
+    assert checksums({"x": swapped})["['x']"][1] != base[1]  # the weighted one does
+    assert checksums({"b": jnp.ones(3, bool), "h": jnp.ones(3, jnp.bfloat16)})  # every dtype

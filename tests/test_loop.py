@@ -345,3 +345,57 @@ def test_stale_lock_from_a_dead_process_is_taken_over(tmp_path):
     lock.write_text(json.dumps({"pid": 1, "host": "another-host", "since": 0}))
     with pytest.raises(rundir.RunDirInUseError, match="another-host"):  # not checkable: refused
         loop.run(fresh_model(), EchoTask(), STEP, loop_cfg(2), tmp_path)
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints
+
+
+def damage(step_dir: pathlib.Path, how: str) -> None:
+    data = max((step_dir / "state").rglob("d/*"), key=lambda f: f.stat().st_size)
+    if how == "corrupt":  # 400 bytes overwritten in the middle of the largest data file
+        raw = bytearray(data.read_bytes())
+        middle = len(raw) // 2
+        raw[middle : middle + 400] = bytes(b ^ 0x5A for b in raw[middle : middle + 400])
+        data.write_bytes(bytes(raw))
+    elif how == "truncate":
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    elif how == "no_state_metadata":
+        (step_dir / "state" / "_METADATA").unlink()
+    elif how == "no_record":
+        (step_dir / "meta" / "metadata").unlink()
+
+
+def test_damaged_checkpoints_fall_back_to_the_newest_intact_one(tmp_path, capfd):
+    every = dict(checkpoint_every=1, keep_checkpoints=5)
+    cfg = dataclasses.replace(loop_cfg(5), **every)
+    full = loop.run(fresh_model(), EchoTask(), STEP, cfg, tmp_path / "full").history
+    run_dir = tmp_path / "damaged"
+    loop.run(fresh_model(), EchoTask(), STEP, cfg, run_dir)
+    kinds = {5: "corrupt", 4: "truncate", 3: "no_state_metadata", 2: "no_record"}
+    for step, how in kinds.items():
+        damage(run_dir / "checkpoints" / str(step), how)
+    capfd.readouterr()
+    resumed = loop.run(fresh_model(), EchoTask(), STEP, cfg, run_dir).history
+    assert sorted(resumed) == [1, 2, 3, 4]  # from checkpoint 1, the newest intact one
+    for step in resumed:
+        assert exact(resumed[step]) == exact(full[step]), step
+    reports = [line for line in capfd.readouterr().err.splitlines() if "falling back" in line]
+    assert len(reports) == 4, reports  # one line per damaged checkpoint, newest first
+    for line, (step, _) in zip(reports, kinds.items(), strict=True):
+        assert line.startswith(f"checkpoint {step} in ") and f"checkpoint {step - 1}" in line
+    # Overwritten bytes fail zstd's decoding or, where they decode, the checksums.
+    assert "unreadable" in reports[0] or "other bits than were saved" in reports[0]
+    assert sorted(p.name for p in (run_dir / "damaged_checkpoints").iterdir()) == [
+        "2", "3", "4", "5"
+    ]  # fmt: skip
+    # The run wrote steps 2-5 again; resuming once more restores its own step 5.
+    again = loop.run(fresh_model(), EchoTask(), STEP, cfg, run_dir)
+    assert again.history == {} and int(again.state.step) == 5
+
+
+def test_a_step_that_cannot_fit_is_refused_before_the_first_rollout(tmp_path, monkeypatch):
+    """On a device that reports its memory (GPU, TPU), the planned step is compared with it."""
+    monkeypatch.setattr(train, "device_memory_limit", lambda mesh: 2**20)  # a 1 MiB device
+    with pytest.raises(ValueError, match=r"plans .* GiB per device, over the device's 0.00 GiB"):
+        loop.run(fresh_model(), EchoTask(), STEP, loop_cfg(1), tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()

@@ -62,3 +62,15 @@ def test_cross_field_checks_see_the_final_values_in_any_flag_order():
         overrides.apply(Run(), ["--step.group_size", "1"])
     # A later flag wins over an earlier one for the same field.
     assert overrides.apply(Run(), ["--steps", "3", "--steps", "4"]).steps == 4
+
+
+def test_help_lists_every_field_with_type_and_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        overrides.apply(Run(), ["--steps", "3", "--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    for line in ("--step.optim.lr float (default 1e-06)", "--steps int (default 10)",
+                 "--eval_every int | none (default None)", "--seeds int,... (default 0)",
+                 "--step.credit.name str (default flowtracer)"):
+        assert line in printed, line
+    assert len(overrides.usage(Run())) == printed.count("\n  --")
