@@ -3,8 +3,9 @@
 Dims: B sequences (groups of G consecutive responses to one prompt), T tokens.
 
 Token credit enters as `gamma_BxT`, which multiplies each response's advantage token by token for
-both signs (flowtracer.md, step 5); `gamma = response mask` is plain GRPO/DAPO.
-Aggregation changes the effective learning rate (peers.md), so it is an explicit choice:
+both signs (docs/method.md, section 6); `gamma = response mask` is plain GRPO/DAPO.
+Aggregation changes the effective learning rate (docs/method.md, "Loss aggregation"), so it is an
+explicit choice:
 - "token-mean" (DAPO): sum over all response tokens of the batch / their count;
 - "seq-mean-token-mean" (GRPO): mean over sequences of each sequence's token mean;
 - "constant" (Dr.GRPO): sum over tokens / (B * max_tokens), a length-independent constant.

@@ -4,7 +4,7 @@ Plain Python loops over tokens; meant for tiny inputs (T <= ~64) in tests only.
 Dims: B = batch, T = tokens (prompt + response + padding).
 
 FlowTracer throughput is computed here independently of ftjax.flow and of any other test
-reference, straight from the definitions in the design notes (flowtracer.md, Steps 2-4):
+reference, straight from the definitions in docs/method.md (sections 2, 4 and 5):
   W[i, k] = A[k, i] for i < k, both valid, i not an answer token (answers absorb);
   h(a) = 1 on answer tokens, h(i) = sum_{k > i} W[i, k] h(k), 0 on invalid tokens;
   s = 1 / #live over live sources (prompt & valid & h > 0);

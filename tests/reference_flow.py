@@ -1,11 +1,13 @@
 """Slow, obviously correct float64 references for `ftjax.flow` (tests only).
 
-Two independent implementations of FlowTracer steps 2-4 (design/flowtracer.md; Dong, Li et al.,
-ICML 2026, arXiv 2606.10646):
+Three independent implementations of FlowTracer's graph, reachability and flow (docs/method.md,
+sections 2-5; Dong, Li et al., ICML 2026, arXiv 2606.10646):
 
 - `reference_trace`: dense attention, linear domain, one explicit loop per equation. Tiny inputs.
 - `reference_trace_log`: one sequence given as a list of attention edges, log domain, so that the
   reachability h may span far more than float64's range (local-window attention at T = 32768).
+- `reference_trace_dense`: one dense sequence, two float64 triangular solves (scipy); for long
+  real attention maps, whose h spans a few dozen bits, far inside float64's range.
 
 Dims: B batch, T tokens. `attn[k, i]` is the attention query k pays key i; graph edges run i -> k.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import scipy.linalg
 
 
 def _effective_masks(source_T, sink_T, valid_T):
@@ -43,7 +46,7 @@ def reference_trace_single(attn_TxT, source_T, sink_T, valid_T) -> dict[str, np.
     src, snk, valid = _effective_masks(source_T, sink_T, valid_T)
     W = reference_graph(attn, snk, valid)
 
-    # Step 2: reachability, backward from the last token.
+    # Reachability h (method.md, section 4), backward from the last token.
     h = np.zeros(T)
     for i in reversed(range(T)):
         if not valid[i]:
@@ -53,21 +56,21 @@ def reference_trace_single(attn_TxT, source_T, sink_T, valid_T) -> dict[str, np.
         else:
             h[i] = math.fsum(W[i, k] * h[k] for k in range(i + 1, T))
 
-    # Step 4 (ftjax decision): one unit spread over the sources that can reach the answer.
+    # Injection (method.md, section 5; an ftjax decision): one unit over the live sources.
     live_src = src & (h > 0)
     n = int(live_src.sum())
     s = np.zeros(T)
     if n > 0:
         s[live_src] = 1.0 / n
 
-    # Step 3: Doob h-transform.
+    # Conserved weights W' (method.md, section 4): the Doob h-transform.
     Wc = np.zeros((T, T))
     for i in range(T):
         if h[i] > 0:
             for k in range(i + 1, T):
                 Wc[i, k] = W[i, k] * h[k] / h[i]
 
-    # Step 4: forward flow and edge flow (stored like attention: phi[k, i] is edge i -> k).
+    # Node and edge flow (method.md, section 5; phi[k, i] is edge i -> k, like attention).
     f = np.zeros(T)
     for k in range(T):
         f[k] = s[k] + math.fsum(f[i] * Wc[i, k] for i in range(k))
@@ -205,6 +208,26 @@ def reference_trace_log(
         "valid": valid,
         "source": src,
     }
+
+
+def reference_trace_dense(attn_TxT, source_T, sink_T, valid_T=None) -> dict[str, np.ndarray]:
+    """h, s and f of one sequence by two dense float64 triangular solves (valid while h fits
+    float64): (I - W) h = 1_S with answer rows of W zeroed, then (I - W^T) g = s / h, f = g h
+    (docs/method.md, "The blocked passes")."""
+    attn = np.asarray(attn_TxT, dtype=np.float64)
+    T = attn.shape[0]
+    src, snk, valid = _effective_masks(
+        source_T, sink_T, np.ones(T, bool) if valid_T is None else valid_T
+    )
+    edge = np.triu(np.ones((T, T), bool), 1) & valid[:, None] & valid[None, :] & ~snk[:, None]
+    system = np.eye(T) - np.where(edge, attn.T, 0.0)  # W[i, k] = attn[k, i]
+    h = scipy.linalg.solve_triangular(system, snk.astype(np.float64), lower=False)
+    live_src = src & (h > 0)
+    s = np.where(live_src, 1.0 / max(int(live_src.sum()), 1), 0.0)
+    g = scipy.linalg.solve_triangular(system, s / np.where(h > 0, h, 1.0), trans="T", lower=False)
+    with np.errstate(divide="ignore"):
+        log_h = np.log(h)
+    return {"log_reach": log_h, "injection": s, "flow": g * h, "sink": snk, "valid": valid}
 
 
 def dense_to_edges(attn_TxT):
