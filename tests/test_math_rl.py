@@ -367,3 +367,26 @@ def test_math_rl_trains_a_user_variant_from_plugins(tiny_setup, tmp_path):
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["step"]["credit"]["name"] == "first_half_up"
     assert saved["plugins"] == [str(plugin)]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--step.group_size", "1"], "group_size 1"),
+        (["--step.optim.max_nonfinite_steps", "0"], "max_nonfinite_steps"),
+        (["--step.optim.lr", "inf"], "not a finite number"),
+        (["--step.optim.grad_clip", "nan"], "not a finite number"),
+        (["--step.credit.name", "no_such_credit"], "no_such_credit"),
+        (["--loop.minibatches", "3"], "minibatches"),
+        (["--data.path", "data.csv"], r"\.csv"),
+    ],
+)
+def test_configs_that_can_never_work_are_refused_before_any_model_load(
+    flags, message, monkeypatch
+):
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config was refused")
+
+    monkeypatch.setattr(pretrained, "load", no_load)
+    with pytest.raises(ValueError, match=message):
+        math_rl.main(flags)
