@@ -310,7 +310,8 @@ def planned_bytes(step_fn, state: TrainState, batch: Batch) -> int:
 
 def device_memory_limit(mesh: jax.sharding.Mesh) -> int | None:
     """Bytes one device of the mesh can hold, where the backend says (GPU, TPU); None on CPU."""
-    stats = mesh.devices.flat[0].memory_stats()
+    mine = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    stats = mine[0].memory_stats()  # only this process's own devices answer
     return None if not stats else stats.get("bytes_limit")
 
 

@@ -89,47 +89,63 @@ def test_prompt_longer_than_its_slots_is_rejected():
 
 
 class StallingEchoTask(EchoTask):
-    """EchoTask that hangs before producing step 2's prompts: the test SIGKILLs it there."""
+    """EchoTask that pauses before producing step 2's prompts (for `pause` seconds): another
+    process can act on the run directory there."""
+
+    pause = 600.0  # the SIGKILL test kills it during the pause
 
     def prompts(self, start, count):
-        if start >= 2 * count:
+        if start == 2 * count:
             import time
 
-            time.sleep(600)
+            time.sleep(self.pause)
         return super().prompts(start, count)
 
 
-CHILD = """
-import sys
-from tests.test_loop import STEP, StallingEchoTask, fresh_model, loop_cfg
-from ftjax import loop
-loop.run(fresh_model(), StallingEchoTask(), STEP, loop_cfg(4), sys.argv[1])
-"""
+class SlowEchoTask(StallingEchoTask):
+    pause = 20.0  # long enough for a second run to try the directory, then it finishes
 
 
-def test_sigkilled_run_resumes_to_the_same_metrics(tmp_path):
+def start_loop_process(task: str, run_dir: pathlib.Path):
+    """A separate process running `loop.run(fresh_model(), task(), STEP, loop_cfg(4), run_dir)`,
+    and a function that waits until its checkpoint 2 is written and it is paused after it."""
     import os
-    import pathlib
-    import signal
     import subprocess
     import sys
     import time
 
-    run_dir = tmp_path / "killed"
+    script = (
+        "import sys\n"
+        f"from tests.test_loop import STEP, {task}, fresh_model, loop_cfg\n"
+        "from ftjax import loop\n"
+        f"loop.run(fresh_model(), {task}(), STEP, loop_cfg(4), sys.argv[1])\n"
+    )
     root = pathlib.Path(__file__).resolve().parents[1]
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(run_dir)],
+        [sys.executable, "-c", script, str(run_dir)],
         cwd=root,
         env={**os.environ, "PYTHONPATH": str(root)},
     )
-    checkpoint = run_dir / "checkpoints" / "2"
-    deadline = time.time() + 300
-    while not (checkpoint.is_dir() and child.poll() is None and any(checkpoint.iterdir())):
-        if time.time() > deadline or child.poll() is not None:
-            child.kill()
-            pytest.fail("the child never wrote checkpoint 2 (or exited)")
-        time.sleep(0.2)
-    time.sleep(1.0)  # it is now stalled inside step 2's prompts, after the checkpoint
+
+    def wait_for_checkpoint_2():
+        checkpoint = run_dir / "checkpoints" / "2"
+        deadline = time.time() + 300
+        while not (checkpoint.is_dir() and child.poll() is None and any(checkpoint.iterdir())):
+            if time.time() > deadline or child.poll() is not None:
+                child.kill()
+                pytest.fail("the child never wrote checkpoint 2 (or exited)")
+            time.sleep(0.2)
+        time.sleep(1.0)  # it is now paused inside step 2's prompts, after the checkpoint
+
+    return child, wait_for_checkpoint_2
+
+
+def test_sigkilled_run_resumes_to_the_same_metrics(tmp_path):
+    import signal
+
+    run_dir = tmp_path / "killed"
+    child, wait_for_checkpoint_2 = start_loop_process("StallingEchoTask", run_dir)
+    wait_for_checkpoint_2()
     child.send_signal(signal.SIGKILL)
     child.wait()
     resumed = loop.run(fresh_model(), EchoTask(), STEP, loop_cfg(4), run_dir).history
@@ -279,44 +295,11 @@ def test_allowed_change_is_recorded_and_training_continues(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["step.credit.name"] == '"uniform"'
 
 
-class SlowEchoTask(EchoTask):
-    """EchoTask that pauses before step 2's prompts, so another run can try the directory."""
-
-    def prompts(self, start, count):
-        if start == 2 * count:
-            import time
-
-            time.sleep(20)
-        return super().prompts(start, count)
-
-
-HOLDER = """
-import sys
-from tests.test_loop import STEP, SlowEchoTask, fresh_model, loop_cfg
-from ftjax import loop
-loop.run(fresh_model(), SlowEchoTask(), STEP, loop_cfg(4), sys.argv[1])
-"""
-
-
 def test_second_run_on_a_directory_in_use_is_refused_and_the_first_finishes(tmp_path):
-    import os
-    import subprocess
-    import sys
-    import time
-
     run_dir = tmp_path / "shared"
-    root = pathlib.Path(__file__).resolve().parents[1]
-    child = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(run_dir)],
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root)},
-    )
+    child, wait_for_checkpoint_2 = start_loop_process("SlowEchoTask", run_dir)
     try:
-        deadline = time.time() + 300
-        while not (run_dir / "checkpoints" / "2").is_dir():  # inside the pause before step 2
-            if time.time() > deadline or child.poll() is not None:
-                pytest.fail("the first run never reached its checkpoint at step 2")
-            time.sleep(0.2)
+        wait_for_checkpoint_2()
         with pytest.raises(rundir.RunDirInUseError, match=f"in use by pid {child.pid} on "):
             loop.run(fresh_model(), EchoTask(), STEP, loop_cfg(4), run_dir)
         assert child.wait(timeout=600) == 0

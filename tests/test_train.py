@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import reference_rl
 from flax import nnx
 
 from ftjax import credit, rl, sharding, train
@@ -162,6 +161,7 @@ def test_prepared_batch_reuses_credit_across_epochs():
 def test_kl_term_against_the_initial_policy_matches_float64():
     """The KL reference is a frozen copy of the initial parameters; the step's KL term equals
     the float64 k3 estimate over response tokens, from the two policies' own logits."""
+    import reference_rl  # here: the 2-process workers import this module from the repo root
     batch = make_batch()
     cfg = dataclasses.replace(CFG, loss=rl.LossConfig(kl_coef=0.1))
     initial = transformer.Transformer(MODEL, rngs=nnx.Rngs(0))
