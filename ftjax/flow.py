@@ -1,27 +1,36 @@
 """FlowTracer graph math: reachability, conservation, node and edge flow, throughput, backbone.
 
-Dims: B batch, T tokens, N blocks of S tokens (T padded to N*S), K top-k.
+Dims: B batch, T tokens, N blocks of S tokens (T padded to N*S), W strip width, K top-k.
 Index letters: k is a query (later token), i a key (earlier token); `attn_BxTxT[b, k, i]`.
 
 Paper: Dong, Li et al., "How Does Reasoning Flow?", ICML 2026 (section 3); our reconstruction is
-in shared/design/flowtracer.md. Both passes are blocked triangular solves with the same matrix.
+in docs/method.md. Both passes are blocked triangular solves with the same matrix.
 
 Numerics. h spans thousands of nats on long sequences (a sink token next to prompt tokens that are
-e^-5000 from the answer), so one float32 scale, per sequence or per block, loses tokens that still
-carry flow: the source mass is spread over every question token with h > 0, however small. ftjax
-keeps h per token as a float32 mantissa in [1/2, 1) times an exact power of two whose exponent is
-stored separately (`reach_mantissa_BxT`, `reach_exponent_BxT`): extended-exponent floating point.
-Products and ratios of h then round like plain float32 at any magnitude; nothing goes through a
-rounded log or exp (a rounded log weight that recurs along a chain would bias long paths).
+e^-5000 from the answer), so one float32 scale loses tokens that still carry flow. h is kept per
+token as a float32 mantissa in [1/2, 1) times an exact power of two (`reach_mantissa_BxT`,
+`reach_exponent_BxT`): products and ratios of h round like float32 at any magnitude, with no
+rounded log or exp. Backward pass (h): a diagonal block is one float32 triangular solve when one
+scale holds it, else it runs row by row (`exact_blocks`; Gemma-3's real maps never need that);
+the block then pushes to all earlier keys with one product over its row strip. Forward pass (f in
+[0, 1]): a block pulls its inflow with one product over its row strip, then solves its diagonal
+block in float32. One product holds a WINDOW of 60 bits of h exactly; wider blocks take several.
 
-The backward pass (h) is a triangular solve in that number format: a diagonal block is one float32
-triangular solve when a single scale holds it, else it runs row by row; each finished block is
-pushed to all earlier keys at once. The forward pass works on f in [0, 1] with
-W' <= 1 formed on the fly, so it is one float32 triangular solve per block plus one product over
-the block's row strip for its inflow.
+Drift. Float32 rounding moves each token's conservation by ~1e-8 of its flow; along chains of
+similar steps those roundings are correlated, so the flow lost grew linearly with T (3.6e-5 of the
+unit at T = 4096 under steep local attention). Normalising each token's out-weights by their
+computed sum would not stop it: that sum rounds just as coherently. What is exact is the flow in
+flight across a block boundary, injected - absorbed. At each boundary the forward pass evaluates
+what the finished keys will still deliver (g = f / h times the backward pass's sum over later
+queries) and rescales the outflow of the block just finished to match. The rounding since the
+previous boundary happened in that block, so each correction is one block's rounding and the
+corrections do not stack: the error of f is that of one block at any T (steep pattern: 1.5e-6,
+1.8e-6, 2.2e-6 relative at T = 1K, 4K, 16K; before: 8.9e-6 and 3.6e-5 at 1K and 4K). Older keys
+are not rescaled again, since a long-lived sender (an attention sink) would compound corrections.
+No float64 anywhere (TPUs have none).
 
-Length: ~430 lines, over the house ~400, because the two passes share the number format and the
-block bookkeeping; split apart, each half would need the other's private helpers.
+Length: ~550 lines, over the house ~400: both passes share the number format and the block
+bookkeeping, and the drift check couples them (the forward pass reads the backward's sums).
 """
 
 from __future__ import annotations
@@ -128,22 +137,20 @@ def _pow2(n):
     return jnp.where(n_int >= -126, power, 0.0)
 
 
+def _mantissa_exponent(x):
+    """x = m 2^e with m in [1/2, 1), read from the float32 bits of x >= 0 (e = -inf at 0; XLA
+    flushes denormals)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    mantissa = jax.lax.bitcast_convert_type((bits & 0x007FFFFF) | (126 << 23), jnp.float32)
+    exponent = ((bits >> 23) & 0xFF).astype(jnp.float32) - 126.0
+    return jnp.where(x > 0, mantissa, 0.0), jnp.where(x > 0, exponent, NEG_INF)
+
+
 def _split(shift, total):
-    """2^shift * total as (exponent, mantissa): frexp gives total = m 2^e with m in [1/2, 1),
-    exactly. Exponent -inf (mantissa 0) where total or 2^shift is 0."""
+    """2^shift * total as (exponent, mantissa), exactly; (-inf, 0) where either factor is 0."""
+    mantissa, exponent = _mantissa_exponent(total)
     ok = jnp.isfinite(shift) & (total > 0)
-    mantissa, exponent = jnp.frexp(jnp.where(ok, total, 1.0))
-    return (
-        jnp.where(ok, shift + exponent.astype(jnp.float32), NEG_INF),
-        jnp.where(ok, mantissa, 0.0),
-    )
-
-
-def _exponent(w):
-    """The binary exponent e of w > 0 (w in [2^(e-1), 2^e)), read from the float32 bits; used
-    only to pick shifts (denormals, which XLA flushes anyway, count as 2^-126)."""
-    bits = jax.lax.bitcast_convert_type(w.astype(jnp.float32), jnp.int32)
-    return ((bits >> 23) & 0xFF).astype(jnp.float32) - 126.0
+    return jnp.where(ok, shift + exponent, NEG_INF), jnp.where(ok, mantissa, 0.0)
 
 
 def _weighted_sum(w, exp_, man, axis: int):
@@ -154,17 +161,11 @@ def _weighted_sum(w, exp_, man, axis: int):
     """
     finite = jnp.isfinite(exp_)
     safe_exp, safe_man = jnp.where(finite, exp_, 0.0), jnp.where(finite, man, 0.0)
-    candidates = jnp.where((w > 0) & finite, safe_exp + _exponent(w), NEG_INF)
+    candidates = jnp.where((w > 0) & finite, safe_exp + _mantissa_exponent(w)[1], NEG_INF)
     top = jnp.max(candidates, axis=axis, keepdims=True)
     shift = jnp.where(jnp.isfinite(top), top, 0.0)
     terms = w * safe_man * _pow2(safe_exp - shift)  # 0 where w = 0 or h = 0
     return _split(jnp.squeeze(top, axis), jnp.sum(terms, axis=axis))
-
-
-def _add(a, b):
-    """a + b for split values a = (exponent, mantissa), b = (exponent, mantissa)."""
-    exp_ = jnp.stack([a[0], b[0]])
-    return _weighted_sum(jnp.ones_like(exp_), exp_, jnp.stack([a[1], b[1]]), axis=0)
 
 
 def _conserved(w, exp_i, man_i, exp_k, man_k):
@@ -226,48 +227,126 @@ def _block_reach_fast(base_exp_BxS, base_man_BxS, w_BxSxS):
         -w_BxSxS, rhs_BxS[..., None], left_side=True, lower=False, unit_diagonal=True
     )[..., 0]
     fed_BxS = jnp.any((w_BxSxS > 0) & (u_BxS[:, None, :] > 0), axis=-1)
-    trusted = (
-        jnp.all(jnp.where(has_rhs, gap_BxS >= -100.0, True))
-        & jnp.all(jnp.isfinite(u_BxS))
-        & jnp.all((u_BxS == 0) | (u_BxS >= 1e-30))
-        & ~jnp.any((u_BxS == 0) & fed_BxS)
-    )
+    ok_BxS = (~has_rhs | (gap_BxS >= -100.0)) & jnp.isfinite(u_BxS)
+    trusted = jnp.all(ok_BxS & jnp.where(u_BxS == 0, ~fed_BxS, u_BxS >= 1e-30))
     return _split(jnp.where(jnp.isfinite(top_Bx1), shift_Bx1, NEG_INF), u_BxS), trusted
+
+
+WINDOW = 60.0  # bits of h that one float32 product over a strip holds exactly (_push, _pull)
+RESCALE_LIMIT = 16.0  # a block's outflow is rescaled only while older keys carry <= 16x as much
+GROUPS = 4  # block groups with strips of their own width (`_grouped_scan`)
+
+
+def _add_scaled(acc, x, shift):
+    """acc + x 2^shift in split form, for float32 x >= 0 and integer shift; one float32 rounding."""
+    acc_exp, acc_man = acc
+    x_man, x_exp = _mantissa_exponent(x)
+    top = jnp.maximum(acc_exp, x_exp + shift)
+    total = acc_man * _pow2(acc_exp - top) + x_man * _pow2(x_exp + shift - top)  # [1/2, 2) or 0
+    carry = total >= 1.0
+    return jnp.where(total > 0, top + carry, NEG_INF), jnp.where(carry, 0.5 * total, total)
+
+
+def _by_windows(exp_BxS, state, one_window):
+    """Fold `one_window(state, in_window_BxS, top_Bx1)` over windows of the block's live tokens,
+    each the pending ones within WINDOW bits of the largest pending exponent `top`. Real attention
+    needs one window; a block holding an attention sink and tokens far from the answer, a few."""
+
+    def step(pending_BxS, state):
+        top_Bx1 = jnp.max(jnp.where(pending_BxS, exp_BxS, NEG_INF), axis=-1, keepdims=True)
+        top_Bx1 = jnp.where(jnp.isfinite(top_Bx1), top_Bx1, 0.0)
+        in_window_BxS = pending_BxS & (exp_BxS > top_Bx1 - WINDOW)
+        return pending_BxS & ~in_window_BxS, one_window(state, in_window_BxS, top_Bx1)
+
+    carry = step(jnp.isfinite(exp_BxS), state)
+    return jax.lax.while_loop(lambda c: jnp.any(c[0]), lambda c: step(*c), carry)[1]
+
+
+def _push(acc, strip_BxSxW, h_exp_BxS, h_man_BxS):
+    """acc(i) + sum_k strip[k, i] h(k) over the block's queries k, in split form. In a window,
+    h(k) 2^(WINDOW - top) lies in [1, 2^60): its product with any normal float32 attention weight
+    is a normal float32, so the strip product is exact to float32 rounding."""
+
+    def one_window(acc, in_window_BxS, top_Bx1):
+        shift_Bx1 = top_Bx1 - WINDOW
+        u_BxS = jnp.where(in_window_BxS, h_man_BxS * _pow2(h_exp_BxS - shift_Bx1), 0.0)
+        return _add_scaled(acc, jnp.einsum("bs,bsw->bw", u_BxS, strip_BxSxW), shift_Bx1)
+
+    return _by_windows(h_exp_BxS, acc, one_window)
+
+
+def _pull(strip_BxSxW, q_BxW, exp_BxW, h_exp_BxS, h_man_BxS):
+    """inflow(k) = sum_i f(i) W'[i,k] = h(k) sum_i strip[k, i] g(i) with g = f / h = q 2^-e.
+
+    In a window, R = top - WINDOW - 8 puts h(k) 2^-R in [2^8, 2^68]. A key with an edge into the
+    window has h(i) >= attn h(k) >= 2^-127 h(k), so g(i) 2^R <= 2^119; keys past 2^120 have no
+    such edge and are zeroed. Inflows below 2^-58 may round to 0 (an absolute error only).
+    """
+
+    def one_window(inflow_BxS, in_window_BxS, top_Bx1):
+        shift_Bx1 = top_Bx1 - WINDOW - 8.0
+        gap_BxW = shift_Bx1 - exp_BxW
+        v_BxW = jnp.where(gap_BxW <= 120.0, q_BxW * _pow2(gap_BxW), 0.0)
+        sum_BxS = jnp.einsum("bsw,bw->bs", strip_BxSxW, v_BxW)
+        h_BxS = h_man_BxS * _pow2(h_exp_BxS - shift_Bx1)
+        return jnp.where(in_window_BxS, sum_BxS * h_BxS, inflow_BxS)
+
+    return _by_windows(h_exp_BxS, jnp.zeros_like(h_man_BxS), one_window)
+
+
+def _grouped_scan(make_block, carry, xs, S: int, reverse: bool = False):
+    """lax.scan over the blocks, in GROUPS consecutive groups when T >= 4096: `make_block(width)`
+    reads strips of the first `width` keys, those before its group's end (the rest of a strip lies
+    above the diagonal), so the passes stream ~5/8 of the map instead of all of it (~15% faster
+    on CPU, for ~3x the compile time, hence only for long sequences)."""
+    N = xs[0].shape[0]
+    groups = GROUPS if N >= GROUPS and N * S >= 4096 else 1
+    bounds = [g * N // groups for g in range(groups + 1)]
+    parts = [None] * groups
+    for g in reversed(range(groups)) if reverse else range(groups):
+        part = jax.tree.map(lambda x: x[bounds[g] : bounds[g + 1]], xs)  # noqa: B023
+        carry, parts[g] = jax.lax.scan(make_block(bounds[g + 1] * S), carry, part, reverse=reverse)
+    return carry, jax.tree.map(lambda *ys: jnp.concatenate(ys), *parts)
 
 
 def _reach(attn_BxTxT, w_NxBxSxS, sink_BxT, emits_BxT, S: int):
     """Backward pass: h = 1 on the sink, h(i) = sum_{k>i} W[i,k] h(k) elsewhere.
 
-    The carry holds, for every key, the part of its sum that comes from finished blocks;
-    a finished block pushes to all earlier keys through its row strip of attn. A diagonal block
-    is solved by one float32 triangular solve when that is exact to float32 (typical attention),
-    else row by row with a per-token exponent (extreme decay, attention sinks).
-    Returns h as (exponent, mantissa) and the number of blocks that needed the row-by-row path.
+    The carry holds, for every key, the part of its sum that comes from finished (later) blocks;
+    a block solves its diagonal block (`_block_reach_fast`, else `_block_reach_exact`), then
+    pushes its h to all earlier keys through its row strip (`_push`). Returns h split, the number
+    of row-by-row blocks, and the carry after each block (N x B x T, split) for the forward pass.
     """
     B, T = sink_BxT.shape
-    key_pos_T = jnp.arange(T)
 
-    def block(acc, xs):
-        n, w_BxSxS, sink_BxS, emits_BxS = xs
-        acc_exp_BxS, acc_man_BxS = (jax.lax.dynamic_slice_in_dim(a, n * S, S, 1) for a in acc)
-        # h = 1 = (1/2) 2^1 on answer tokens; other emitting keys start from the carried sum.
-        base_exp_BxS = jnp.where(sink_BxS, 1.0, jnp.where(emits_BxS, acc_exp_BxS, NEG_INF))
-        base_man_BxS = jnp.where(sink_BxS, 0.5, jnp.where(emits_BxS, acc_man_BxS, 0.0))
-        fast_h, trusted = _block_reach_fast(base_exp_BxS, base_man_BxS, w_BxSxS)
-        h_exp_BxS, h_man_BxS = jax.lax.cond(
-            trusted, lambda: fast_h, lambda: _block_reach_exact(base_exp_BxS, base_man_BxS, w_BxSxS)
-        )
-        strip_BxSxT = jax.lax.dynamic_slice_in_dim(attn_BxTxT, n * S, S, axis=1)
-        push = _weighted_sum(strip_BxSxT, h_exp_BxS[:, :, None], h_man_BxS[:, :, None], 1)
-        summed = _add(acc, push)
-        earlier_T = key_pos_T < n * S
-        acc = tuple(jnp.where(earlier_T, new, old) for new, old in zip(summed, acc, strict=True))
-        return acc, (h_exp_BxS, h_man_BxS, ~trusted)
+    def make_block(width: int):
+        def block(acc, xs):
+            n, w_BxSxS, sink_BxS, emits_BxS = xs
+            acc_exp_BxS, acc_man_BxS = (jax.lax.dynamic_slice_in_dim(a, n * S, S, 1) for a in acc)
+            # h = 1 = (1/2) 2^1 on answer tokens; other emitting keys start from the carried sum.
+            base_exp_BxS = jnp.where(sink_BxS, 1.0, jnp.where(emits_BxS, acc_exp_BxS, NEG_INF))
+            base_man_BxS = jnp.where(sink_BxS, 0.5, jnp.where(emits_BxS, acc_man_BxS, 0.0))
+            fast_h, trusted = _block_reach_fast(base_exp_BxS, base_man_BxS, w_BxSxS)
+            h_exp_BxS, h_man_BxS = jax.lax.cond(
+                trusted,
+                lambda: fast_h,
+                lambda: _block_reach_exact(base_exp_BxS, base_man_BxS, w_BxSxS),
+            )
+            strip_BxSxW = jax.lax.dynamic_slice(attn_BxTxT, (0, n * S, 0), (B, S, width))
+            pushed = _push(tuple(a[:, :width] for a in acc), strip_BxSxW, h_exp_BxS, h_man_BxS)
+            earlier_W = jnp.arange(width) < n * S
+            acc = tuple(
+                a.at[:, :width].set(jnp.where(earlier_W, new, a[:, :width]))
+                for a, new in zip(acc, pushed, strict=True)
+            )
+            return acc, (h_exp_BxS, h_man_BxS, ~trusted, acc)
+
+        return block
 
     acc0 = (jnp.full((B, T), NEG_INF), jnp.zeros((B, T)))
     xs = (jnp.arange(T // S), w_NxBxSxS, _to_blocks(sink_BxT, S), _to_blocks(emits_BxT, S))
-    _, (h_exp, h_man, exact_N) = jax.lax.scan(block, acc0, xs, reverse=True)
-    return _from_blocks(h_exp), _from_blocks(h_man), jnp.sum(exact_N)
+    _, (h_exp, h_man, exact_N, beyond) = _grouped_scan(make_block, acc0, xs, S, reverse=True)
+    return _from_blocks(h_exp), _from_blocks(h_man), jnp.sum(exact_N), beyond
 
 
 def _injection(source_BxT, h_exp_BxT):
@@ -277,57 +356,84 @@ def _injection(source_BxT, h_exp_BxT):
     return jnp.where(live_BxT, 1.0 / jnp.maximum(count_Bx1, 1), 0.0).astype(jnp.float32)
 
 
-def _flow(attn_BxTxT, w_NxBxSxS, h_exp_BxT, h_man_BxT, injection_BxT, pushes_BxT, S: int):
-    """Forward pass: f(k) = s(k) + sum_{i<k} f(i) W'[i,k], with W' <= 1 formed on the fly.
+def _mass_scale(last_B, older_B, mass, unit_B):
+    """The factor for the last finished block's outflow that makes the flow in flight exact.
 
-    Block n pulls its inflow from every finished key through its row strip of attn,
-    f(i) W'[i,k] = attn[k,i] m(k) (f(i) / m(i)) 2^(e(k) - e(i)) with h = m 2^e, the power of two
-    exact; then one float32 triangular solve inside the block (f lies in [0, 1]).
+    Exact: reference + injected - absorbed since the reference boundary (`mass`: reference,
+    injected count, absorbed flow and its Neumaier compensation; unit = 1 / live sources). The
+    finished keys will deliver last_B (last block) + older_B. Where the difference would cancel,
+    nothing is rescaled: the block carrying under 1/RESCALE_LIMIT of the older keys' flow (then
+    the rescale would cost up to ~2 RESCALE_LIMIT roundings), or most flow absorbed (then this
+    boundary becomes the reference, its flow in flight taken as computed). A factor off 1 by more
+    than 2^-10 cannot come from rounding (it is ~1e-6) and is not applied either.
     """
-    B, T = h_exp_BxT.shape
-    to_blocks = lambda x: _to_blocks(x, S)  # noqa: E731
+    reference_B, count_B, absorbed_B, error_B = mass
+    want_B = reference_B + count_B * unit_B - (absorbed_B + error_B)
+    exact_B = (want_B > 0) & (absorbed_B + error_B <= want_B)
+    ok_B = exact_B & (last_B > 0) & (older_B <= RESCALE_LIMIT * last_B)
+    scale_B = (want_B - older_B) / jnp.where(ok_B, last_B, 1.0)
+    scale_B = jnp.where(ok_B & (jnp.abs(scale_B - 1.0) <= 2.0**-10), scale_B, 1.0)
+    reset = (last_B + older_B, 0.0, 0.0, 0.0)
+    return scale_B, tuple(jnp.where(exact_B, x, r) for x, r in zip(mass, reset, strict=True))
 
-    def block(carry, xs):
-        q_i_BxT, exp_i_BxT = carry  # q = f / mantissa of h, 0 for tokens that push nothing
-        n, w_BxSxS, exp_BxS, man_BxS, inj_BxS, pushes_BxS = xs
-        strip_BxSxT = jax.lax.dynamic_slice_in_dim(attn_BxTxT, n * S, S, axis=1)
-        scale_BxSxT = (
-            man_BxS[:, :, None]
-            * q_i_BxT[:, None, :]
-            * _pow2(exp_BxS[:, :, None] - exp_i_BxT[:, None, :])
-        )
-        inflow_BxS = jnp.sum(strip_BxSxT * scale_BxSxT, axis=-1)
-        wc_BxSxS = _conserved(
-            w_BxSxS,
-            exp_BxS[:, :, None],
-            man_BxS[:, :, None],
-            exp_BxS[:, None, :],
-            man_BxS[:, None, :],
-        )
-        f_BxS = jax.lax.linalg.triangular_solve(
-            -wc_BxSxS,
-            (inj_BxS + inflow_BxS)[..., None],
-            left_side=True,
-            lower=False,
-            transpose_a=True,
-            unit_diagonal=True,
-        )[..., 0]
-        # Answer tokens absorb: they push nothing.
-        q_BxS = jnp.where(pushes_BxS, f_BxS / jnp.where(pushes_BxS, man_BxS, 1.0), 0.0)
-        update = lambda x, v: jax.lax.dynamic_update_slice_in_dim(x, v, n * S, 1)  # noqa: E731
-        carry = (update(q_i_BxT, q_BxS), update(exp_i_BxT, jnp.where(pushes_BxS, exp_BxS, 0.0)))
-        return carry, f_BxS
 
-    xs = (
-        jnp.arange(T // S),
-        w_NxBxSxS,
-        to_blocks(h_exp_BxT),
-        to_blocks(h_man_BxT),
-        to_blocks(injection_BxT),
-        to_blocks(pushes_BxT),
-    )
-    carry0 = (jnp.zeros((B, T)), jnp.zeros((B, T)))
-    _, f_NxBxS = jax.lax.scan(block, carry0, xs)
+def _absorb(mass, injected_B, absorbed_B):
+    """Add a block's injected count and absorbed flow (Neumaier's compensated sum, both >= 0)."""
+    reference_B, count_B, total_B, error_B = mass
+    new_B = total_B + absorbed_B
+    big_B, small_B = jnp.maximum(total_B, absorbed_B), jnp.minimum(total_B, absorbed_B)
+    return reference_B, count_B + injected_B, new_B, error_B + ((big_B - new_B) + small_B)
+
+
+def _flow(attn_BxTxT, wc_NxBxSxS, blocks, sink_NxBxS, beyond, S: int):
+    """Forward pass: f(k) = s(k) + sum_{i<k} f(i) W'[i,k], W' <= 1 (`wc`, diagonal blocks).
+
+    At block n's left boundary, the finished keys will still deliver g(i) beyond_n(i), g = f / h;
+    `_mass_scale` rescales the last block's share so that the total is the exact flow in flight
+    (module docstring, Drift). Then the block pulls its inflow (`_pull`) and solves its diagonal
+    block. blocks: h exponent, h mantissa, injection, pushes (non-answer live tokens), N x B x S.
+    """
+    N, B, _ = sink_NxBxS.shape
+    T = N * S
+    unit_B = jnp.max(blocks[2], axis=(0, 2))  # the injection, 1 / (number of live sources)
+
+    def make_block(width: int):
+        key_pos_W = jnp.arange(width)
+
+        def block(carry, xs):
+            q_BxT, e_BxT, mass = carry  # f / mantissa of h and exponent of h; 0 if pushing nothing
+            n, wc_BxSxS, h_exp_BxS, h_man_BxS, inj_BxS, pushes_BxS, sink_BxS, b_exp, b_man = xs
+            q_BxW, e_BxW = q_BxT[:, :width], e_BxT[:, :width]
+            in_flight_BxW = q_BxW * b_man[:, :width] * _pow2(b_exp[:, :width] - e_BxW)
+            last_W = (key_pos_W >= (n - 1) * S) & (key_pos_W < n * S)
+            last_B = jnp.sum(jnp.where(last_W, in_flight_BxW, 0.0), axis=-1)
+            older_B = jnp.sum(jnp.where(last_W, 0.0, in_flight_BxW), axis=-1)
+            scale_B, mass = _mass_scale(last_B, older_B, mass, unit_B)
+            q_BxW = jnp.where(last_W, q_BxW * scale_B[:, None], q_BxW)
+            strip_BxSxW = jax.lax.dynamic_slice(attn_BxTxT, (0, n * S, 0), (B, S, width))
+            inflow_BxS = _pull(strip_BxSxW, q_BxW, e_BxW, h_exp_BxS, h_man_BxS)
+            f_BxS = jax.lax.linalg.triangular_solve(
+                -wc_BxSxS,
+                (inj_BxS + inflow_BxS)[..., None],
+                left_side=True,
+                lower=False,
+                transpose_a=True,
+                unit_diagonal=True,
+            )[..., 0]
+            absorbed_B = jnp.sum(jnp.where(sink_BxS, f_BxS, 0.0), axis=-1)
+            mass = _absorb(mass, jnp.sum(inj_BxS > 0, axis=-1), absorbed_B)
+            # Answer tokens absorb: they push nothing.
+            q_BxS = jnp.where(pushes_BxS, f_BxS / jnp.where(pushes_BxS, h_man_BxS, 1.0), 0.0)
+            put = lambda x, v: jax.lax.dynamic_update_slice_in_dim(x, v, n * S, 1)  # noqa: E731
+            q_BxT = put(q_BxT.at[:, :width].set(q_BxW), q_BxS)
+            e_BxT = put(e_BxT, jnp.where(pushes_BxS, h_exp_BxS, 0.0))
+            return (q_BxT, e_BxT, mass), f_BxS
+
+        return block
+
+    carry = (jnp.zeros((B, T)), jnp.zeros((B, T)), (jnp.zeros((B,)),) * 4)
+    xs = (jnp.arange(N), wc_NxBxSxS, *blocks, sink_NxBxS, *beyond)
+    _, f_NxBxS = _grouped_scan(make_block, carry, xs, S)
     return _from_blocks(f_NxBxS)
 
 
@@ -368,10 +474,21 @@ def _trace(attn_BxTxT, source_BxT, sink_BxT, valid_BxT, *, block_size: int) -> F
     )
     w_NxBxSxS = jnp.where(edge_NxBxSxS, _diagonal_blocks(attn_BxTxT, S), 0.0)
 
-    h_exp_BxT, h_man_BxT, exact_blocks = _reach(attn_BxTxT, w_NxBxSxS, sink_BxT, emits_BxT, S)
+    h_exp_BxT, h_man_BxT, exact_blocks, beyond = _reach(
+        attn_BxTxT, w_NxBxSxS, sink_BxT, emits_BxT, S
+    )
     injection_BxT = _injection(source_BxT, h_exp_BxT)
     pushes_BxT = emits_BxT & jnp.isfinite(h_exp_BxT)
-    f_BxT = _flow(attn_BxTxT, w_NxBxSxS, h_exp_BxT, h_man_BxT, injection_BxT, pushes_BxT, S)
+    h_exp_NxBxS, h_man_NxBxS = _to_blocks(h_exp_BxT, S), _to_blocks(h_man_BxT, S)
+    wc_NxBxSxS = _conserved(
+        w_NxBxSxS,
+        h_exp_NxBxS[..., :, None],
+        h_man_NxBxS[..., :, None],
+        h_exp_NxBxS[..., None, :],
+        h_man_NxBxS[..., None, :],
+    )
+    blocks = (h_exp_NxBxS, h_man_NxBxS, *(_to_blocks(x, S) for x in (injection_BxT, pushes_BxT)))
+    f_BxT = _flow(attn_BxTxT, wc_NxBxSxS, blocks, _to_blocks(sink_BxT, S), beyond, S)
     crop = lambda x: x[:, :T]  # noqa: E731
     log_reach_BxT = h_exp_BxT * math.log(2.0) + _log(h_man_BxT)
     return FlowTrace(
