@@ -67,10 +67,17 @@ def fresh_model():
     return transformer.Transformer(config.tiny("llama", vocab_size=32), rngs=nnx.Rngs(0))
 
 
-def test_loop_runs_logs_and_resumes_exactly(tmp_path):
-    full = loop.run(fresh_model(), EchoTask(), STEP, loop_cfg(4), tmp_path / "full").history
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """An uninterrupted 4-step run: (its returned metrics, its run directory)."""
+    run_dir = tmp_path_factory.mktemp("full")
+    return loop.run(fresh_model(), EchoTask(), STEP, loop_cfg(4), run_dir).history, run_dir
+
+
+def test_loop_runs_logs_and_resumes_exactly(tmp_path, full_run):
+    full, full_dir = full_run
     assert sorted(full) == [0, 1, 2, 3]
-    assert read_jsonl(tmp_path / "full" / "metrics.jsonl") == full
+    assert read_jsonl(full_dir / "metrics.jsonl") == full
     assert all(np.isfinite(m["loss"]) and m["skipped_nonfinite"] == 0 for m in full.values())
 
     first = loop.run(fresh_model(), EchoTask(), STEP, loop_cfg(2), tmp_path / "resumed").history
@@ -103,7 +110,7 @@ class StallingEchoTask(EchoTask):
 
 
 class SlowEchoTask(StallingEchoTask):
-    pause = 20.0  # long enough for a second run to try the directory, then it finishes
+    pause = 6.0  # long enough for a second run to try the directory, then it finishes
 
 
 def start_loop_process(task: str, run_dir: pathlib.Path):
@@ -140,7 +147,7 @@ def start_loop_process(task: str, run_dir: pathlib.Path):
     return child, wait_for_checkpoint_2
 
 
-def test_sigkilled_run_resumes_to_the_same_metrics(tmp_path):
+def test_sigkilled_run_resumes_to_the_same_metrics(tmp_path, full_run):
     import signal
 
     run_dir = tmp_path / "killed"
@@ -149,7 +156,7 @@ def test_sigkilled_run_resumes_to_the_same_metrics(tmp_path):
     child.send_signal(signal.SIGKILL)
     child.wait()
     resumed = loop.run(fresh_model(), EchoTask(), STEP, loop_cfg(4), run_dir).history
-    full = loop.run(fresh_model(), EchoTask(), STEP, loop_cfg(4), tmp_path / "full").history
+    full, _ = full_run
     assert sorted(resumed) == [2, 3]
     for step in (2, 3):
         assert exact(resumed[step]) == exact(full[step]), step
@@ -295,7 +302,7 @@ def test_allowed_change_is_recorded_and_training_continues(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["step.credit.name"] == '"uniform"'
 
 
-def test_second_run_on_a_directory_in_use_is_refused_and_the_first_finishes(tmp_path):
+def test_second_run_on_a_directory_in_use_is_refused_and_the_first_finishes(tmp_path, full_run):
     run_dir = tmp_path / "shared"
     child, wait_for_checkpoint_2 = start_loop_process("SlowEchoTask", run_dir)
     try:
@@ -305,7 +312,7 @@ def test_second_run_on_a_directory_in_use_is_refused_and_the_first_finishes(tmp_
         assert child.wait(timeout=600) == 0
     finally:
         child.kill()
-    full = loop.run(fresh_model(), EchoTask(), STEP, loop_cfg(4), tmp_path / "full").history
+    full, _ = full_run
     logged = read_jsonl(run_dir / "metrics.jsonl")
     assert sorted(logged) == [0, 1, 2, 3]
     for step in range(4):
