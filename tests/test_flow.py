@@ -619,21 +619,18 @@ def test_property_jit_matches_eager(seed, with_valid):
     assert_log_reach_close(j["log_reach"], e["log_reach"], atol=1e-6)
     chex.assert_trees_all_equal((j["sink"], j["valid"]), (e["sink"], e["valid"]))
     bb_j, bb_e = top_of(args[0], jitted, 5), backbone(args[0], eager, 5)
+
+    def outputs(d, phi, err, bb):
+        return flows(d) | {
+            "edge_flow": phi,
+            "conservation_error": err,
+            "backbone_edge_flow": bb.edge_flow_BxK,
+            "backbone_hub_throughput": bb.hub_throughput_BxK,
+        }
+
     chex.assert_trees_all_close(
-        flows(j)
-        | {
-            "edge_flow": phi_of(args[0], jitted),
-            "conservation_error": err_of(args[0], jitted),
-            "backbone_edge_flow": bb_j.edge_flow_BxK,
-            "backbone_hub_throughput": bb_j.hub_throughput_BxK,
-        },
-        flows(e)
-        | {
-            "edge_flow": edge_flow(args[0], eager),
-            "conservation_error": conservation_error(args[0], eager),
-            "backbone_edge_flow": bb_e.edge_flow_BxK,
-            "backbone_hub_throughput": bb_e.hub_throughput_BxK,
-        },
+        outputs(j, phi_of(args[0], jitted), err_of(args[0], jitted), bb_j),
+        outputs(e, edge_flow(args[0], eager), conservation_error(args[0], eager), bb_e),
         atol=1e-6,
         rtol=NP_RTOL,
     )
