@@ -100,13 +100,20 @@ class Variant:
     name: str
     fn: CreditFn
     needs: frozenset[str]
+    per_sequence: bool = True  # each row's gamma depends on that row alone
 
 
 _REGISTRY: dict[str, Variant] = {}
 
 
-def register(name: str, *, needs: tuple[str, ...] = ()) -> Callable[[CreditFn], CreditFn]:
-    """Decorator: add `fn(inputs, cfg) -> gamma_BxT` to the registry under `name`."""
+def register(
+    name: str, *, needs: tuple[str, ...] = (), per_sequence: bool = True
+) -> Callable[[CreditFn], CreditFn]:
+    """Decorator: add `fn(inputs, cfg) -> gamma_BxT` to the registry under `name`.
+
+    per_sequence: each row's gamma depends on that row's inputs alone, so the train step may
+    compute it one micro-batch at a time (`StepConfig.micro_batch`). Say False for a variant
+    that ranks or normalises across the batch; it then needs the whole batch at once."""
     unknown = set(needs) - set(_INPUT_FIELDS)
     if unknown:
         raise ValueError(
@@ -117,7 +124,7 @@ def register(name: str, *, needs: tuple[str, ...] = ()) -> Callable[[CreditFn], 
     def add(fn: CreditFn) -> CreditFn:
         if name in _REGISTRY:
             raise ValueError(f"credit variant {name!r} is already registered")
-        _REGISTRY[name] = Variant(name, fn, frozenset(needs))
+        _REGISTRY[name] = Variant(name, fn, frozenset(needs), per_sequence)
         return fn
 
     return add
@@ -287,7 +294,7 @@ def entropy(inputs: CreditInputs, cfg: CreditConfig) -> jax.Array:
     return _weights(selected_BxT, response_BxT, cfg.gamma)
 
 
-@register("entropy_select", needs=("entropy_BxT",))
+@register("entropy_select", needs=("entropy_BxT",), per_sequence=False)
 def entropy_select(inputs: CreditInputs, cfg: CreditConfig) -> jax.Array:
     """80/20 (arXiv 2506.01939): the batch's top-`select_fraction` entropy tokens get weight 1,
     all others 0 (batch-global; ties: earlier row, then earlier token)."""

@@ -127,7 +127,9 @@ class Updates:
                 out_shardings=sharding.batch_sharding(mesh),
             )
         if kl:
-            reference = train.make_reference(graphdef, nnx.state(model, nnx.Param), whole, mesh)
+            reference = train.make_reference(
+                graphdef, nnx.state(model, nnx.Param), whole, mesh, step_cfg.micro_batch
+            )
         return Updates(step_fn, prepare, minibatch, reference), state
 
     def apply(self, state, batch: train.Batch, cfg: LoopConfig):

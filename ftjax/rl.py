@@ -1,6 +1,7 @@
 """Policy-gradient losses: group advantages, clipped surrogate, loss aggregation, KL estimators.
 
-Dims: B sequences (groups of G consecutive responses to one prompt), T tokens.
+Dims: B sequences (groups of G consecutive responses to one prompt), T tokens, V vocabulary,
+E hidden width, C tokens of a chunk, N chunks.
 
 Token credit enters as `gamma_BxT`, which multiplies each response's advantage token by token for
 both signs (docs/method.md, section 6); `gamma = response mask` is plain GRPO/DAPO.
@@ -14,6 +15,8 @@ explicit choice:
 from __future__ import annotations
 
 import dataclasses
+import numbers
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -98,6 +101,28 @@ def aggregate(loss_BxT, mask_BxT, cfg: LossConfig):
     return masked.mean(seq_B, jnp.any(mask_BxT, axis=-1))
 
 
+def token_weights(mask_BxT, cfg: LossConfig):
+    """w_BxT with sum(w * loss) == aggregate(loss, mask, cfg) for every loss: each token's share
+    of the whole batch's normaliser. Computed once on the whole rollout batch, it lets a
+    micro-batch's loss be its own tokens' weighted sum, so the micro-batches' gradients add up to
+    the whole batch's exactly as `cfg.aggregation` defines it."""
+    mask_BxT = mask_BxT.astype(bool)
+    ones_BxT = mask_BxT.astype(jnp.float32)
+    if cfg.aggregation == "token-mean":
+        return ones_BxT / jnp.maximum(jnp.sum(mask_BxT), 1)
+    if cfg.aggregation == "constant":
+        B, T = mask_BxT.shape
+        return ones_BxT / (B * (cfg.max_tokens or T))
+    per_seq_Bx1 = jnp.maximum(jnp.sum(mask_BxT, axis=-1, keepdims=True), 1)
+    sequences = jnp.maximum(jnp.sum(jnp.any(mask_BxT, axis=-1)), 1)
+    return ones_BxT / per_seq_Bx1 / sequences
+
+
+def weighted_sum(loss_BxT, mask_BxT, weights_BxT):
+    """sum(w * loss) over the mask (`where`, so a masked-out non-finite value cannot leak)."""
+    return jnp.sum(jnp.where(mask_BxT.astype(bool), loss_BxT * weights_BxT, 0.0))
+
+
 def policy_loss(
     log_probs_BxT,
     old_log_probs_BxT,
@@ -106,8 +131,13 @@ def policy_loss(
     mask_BxT,
     cfg: LossConfig,
     ref_log_probs_BxT=None,
+    weights_BxT=None,
 ):
     """Clipped surrogate with token-weighted advantages, plus optional KL. Returns (loss, metrics).
+
+    With `weights_BxT` (from `token_weights` on the whole batch) the loss is the weighted sum
+    instead of `cfg.aggregation` over this batch: a micro-batch's share of the whole loss. The
+    metrics are then this micro-batch's own means.
 
     L = agg_t[-min(rho A~, clip(rho, 1 - eps_low, 1 + eps_high) A~)] + beta agg_t[KL],
     rho = exp(log pi - log pi_old), A~[b, t] = gamma[b, t] A[b].
@@ -117,7 +147,12 @@ def policy_loss(
     ratio_BxT = jnp.exp(jnp.where(mask_BxT, log_probs_BxT - old_log_probs_BxT, 0.0))
     clipped_BxT = jnp.clip(ratio_BxT, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
     surrogate_BxT = -jnp.minimum(ratio_BxT * adv_BxT, clipped_BxT * adv_BxT)
-    loss = aggregate(surrogate_BxT, mask_BxT, cfg)
+    reduce = lambda x_BxT: (  # noqa: E731
+        aggregate(x_BxT, mask_BxT, cfg)
+        if weights_BxT is None
+        else weighted_sum(x_BxT, mask_BxT, weights_BxT)
+    )
+    loss = reduce(surrogate_BxT)
     was_clipped_BxT = ratio_BxT * adv_BxT > clipped_BxT * adv_BxT
     metrics = {
         "pg_loss": loss,
@@ -127,9 +162,7 @@ def policy_loss(
     if cfg.kl_coef > 0:
         if ref_log_probs_BxT is None:
             raise ValueError("kl_coef > 0 needs reference log-probs")
-        kl = aggregate(
-            kl_estimate(log_probs_BxT, ref_log_probs_BxT, cfg.kl_estimator), mask_BxT, cfg
-        )
+        kl = reduce(kl_estimate(log_probs_BxT, ref_log_probs_BxT, cfg.kl_estimator))
         loss = loss + cfg.kl_coef * kl
         metrics["kl"] = kl
     metrics["loss"] = loss
@@ -142,6 +175,41 @@ def next_token_log_probs(logits_BxTxV, tokens_BxT):
     logp_BxT, entropy_BxT = token_log_probs(logits_BxTxV[:, :-1], tokens_BxT[:, 1:])
     pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)))  # noqa: E731
     return pad(logp_BxT), pad(entropy_BxT)
+
+
+def chunked_next_token_log_probs(
+    hidden_BxTxE, tokens_BxT, unembed: Callable[[jax.Array], jax.Array], chunk: int
+):
+    """`next_token_log_probs(unembed(hidden_BxTxE), tokens_BxT)` without ever holding the
+    B x T x V logits: `chunk` positions at a time (T - 1 padded up to a multiple of it), each
+    chunk under `jax.checkpoint`, so the backward pass recomputes a chunk's logits instead of
+    storing them. unembed: final-normed hidden B x C x E -> float32 logits B x C x V, e.g. the
+    `Transformer.unembed` of a model merged inside the differentiated function."""
+    if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
+        raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")
+    B, T, E = hidden_BxTxE.shape
+    n = T - 1  # positions 1..T-1 are predicted by the hidden states at 0..T-2
+    if n == 0:
+        return jnp.zeros((B, T), jnp.float32), jnp.zeros((B, T), jnp.float32)
+    C = min(chunk, n)
+    N = -(-n // C)
+    pad = N * C - n
+    h_NxBxCxE = jnp.pad(hidden_BxTxE[:, :-1], ((0, 0), (0, pad), (0, 0)))
+    h_NxBxCxE = h_NxBxCxE.reshape(B, N, C, E).transpose(1, 0, 2, 3)
+    targets_NxBxC = jnp.pad(tokens_BxT[:, 1:], ((0, 0), (0, pad)))
+    targets_NxBxC = targets_NxBxC.reshape(B, N, C).transpose(1, 0, 2)
+
+    @jax.checkpoint
+    def one_chunk(h_and_targets):
+        h_BxCxE, targets_BxC = h_and_targets
+        return token_log_probs(unembed(h_BxCxE), targets_BxC)
+
+    logp_NxBxC, entropy_NxBxC = jax.lax.map(one_chunk, (h_NxBxCxE, targets_NxBxC))
+
+    def unchunk(x_NxBxC):
+        return jnp.pad(x_NxBxC.transpose(1, 0, 2).reshape(B, N * C)[:, :n], ((0, 0), (1, 0)))
+
+    return unchunk(logp_NxBxC), unchunk(entropy_NxBxC)
 
 
 def token_log_probs(logits_BxTxV, targets_BxT):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ftjax import checkpoint, masked, rl, sharding
+from ftjax import checkpoint, masked, microbatch, rl, sharding
 from ftjax import credit as credit_lib
 from ftjax.capture import NONE, CaptureSpec
 from ftjax.checkpoint import Checkpointer
@@ -63,8 +63,11 @@ class StepConfig:
     credit: credit_lib.CreditConfig = credit_lib.CreditConfig()
     capture: CaptureSpec = CaptureSpec()
     optim: OptimConfig = OptimConfig()
+    micro_batch: int | None = None  # rows per device per forward/backward pass; None: all
 
     def __post_init__(self):
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise ValueError(f"StepConfig.micro_batch must be None or >= 1, got {self.micro_batch}")
         if self.group_size < 1:
             raise ValueError(f"StepConfig.group_size must be >= 1, got {self.group_size}")
         if self.loss.scale_advantages and self.group_size < 2:
@@ -164,6 +167,21 @@ def _capture_spec(cfg: StepConfig, batch: Batch) -> CaptureSpec:
     return cfg.capture if needs_attn and batch.gamma_BxT is None else NONE
 
 
+def _batch_shards(mesh: jax.sharding.Mesh | None) -> int:
+    return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def _check_credit_passes(cfg: StepConfig, batch: Batch, n: int) -> None:
+    """A batch-level credit variant needs the whole batch in one pass, or gamma given."""
+    variant = credit_lib.get(cfg.credit.name)
+    if n > 1 and batch.gamma_BxT is None and not variant.per_sequence:
+        raise ValueError(
+            f"credit variant {cfg.credit.name!r} ranks across the whole batch, so it cannot be "
+            f"computed one micro-batch at a time: use StepConfig.micro_batch None, or compute "
+            f"gamma first with `prepare` (loop: epochs or minibatches > 1)"
+        )
+
+
 def _credit_metrics(gamma_BxT, batch: Batch, entropy_BxT):
     response_BxT = batch.response_mask_BxT
     mean = lambda x: masked.mean(x, response_BxT)  # noqa: E731
@@ -192,36 +210,62 @@ def _all_finite(tree) -> jax.Array:
     return functools.reduce(jnp.logical_and, flags, jnp.asarray(True))
 
 
-def train_step(graphdef, state: TrainState, batch: Batch, cfg: StepConfig):
+def train_step(
+    graphdef, state: TrainState, batch: Batch, cfg: StepConfig, mesh: jax.sharding.Mesh | None = None
+):
     """One policy-gradient update; the step is skipped (and counted) if the rewards, the loss,
     the gradients, or the new parameters and optimiser state hold a non-finite value, so no
-    non-finite value ever enters the state."""
+    non-finite value ever enters the state.
+
+    With `cfg.micro_batch` the batch goes through the model in passes of that many rows per
+    device (`microbatch`), gradients summed, one optimiser update: the loss of every pass is its
+    tokens' share of the whole batch's aggregation (`rl.token_weights`), so the update equals the
+    one-pass update. Credit is computed per pass (it is per sequence); a `random` variant then
+    draws per pass, a different draw of the same distribution. `mesh` places the passes' rows."""
     rng, credit_rng = jax.random.split(state.rng)
     spec = _capture_spec(cfg, batch)
     advantages_B = rl.group_advantages(
         batch.rewards_B, cfg.group_size, cfg.loss.scale_advantages, cfg.loss.std_eps
     )
+    shards = _batch_shards(mesh)
+    n = microbatch.passes(batch.tokens_BxT.shape[0], cfg.micro_batch, shards)
+    _check_credit_passes(cfg, batch, n)
+    weights_BxT = rl.token_weights(batch.response_mask_BxT, cfg.loss) if n > 1 else None
 
-    def loss_fn(params):
+    def loss_fn(params, part):
+        (part_batch, adv_B, weights), k = part
         model = nnx.merge(graphdef, params)
-        logp, entropy, attn = sequence_log_probs(model, batch, spec)
-        gamma = (
-            batch.gamma_BxT
-            if batch.gamma_BxT is not None
-            else credit_weights(batch, cfg, logp, entropy, attn, credit_rng)
-        )
-        loss, metrics = rl.policy_loss(
+        logp, entropy, attn = sequence_log_probs(model, part_batch, spec)
+        gamma = part_batch.gamma_BxT
+        if gamma is None:
+            key = credit_rng if n == 1 else jax.random.fold_in(credit_rng, k)
+            gamma = credit_weights(part_batch, cfg, logp, entropy, attn, key)
+        loss, _ = rl.policy_loss(
             logp,
-            batch.old_log_probs_BxT,
-            advantages_B,
+            part_batch.old_log_probs_BxT,
+            adv_B,
             gamma,
-            batch.response_mask_BxT,
+            part_batch.response_mask_BxT,
             cfg.loss,
-            batch.ref_log_probs_BxT,
+            part_batch.ref_log_probs_BxT,
+            weights,
         )
-        return loss, {**metrics, **_credit_metrics(gamma, batch, entropy)}
+        return loss, (logp, entropy, gamma)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    parts = (microbatch.split((batch, advantages_B, weights_BxT), n, shards, mesh), jnp.arange(n))
+    _, grads, aux = microbatch.grads(loss_fn, state.params, parts, n)
+    logp, entropy, gamma = jax.lax.stop_gradient(microbatch.merge(aux, shards, mesh))
+    # The loss and its metrics over the whole batch, from the passes' log-probs.
+    loss, metrics = rl.policy_loss(
+        logp,
+        batch.old_log_probs_BxT,
+        advantages_B,
+        gamma,
+        batch.response_mask_BxT,
+        cfg.loss,
+        batch.ref_log_probs_BxT,
+    )
+    metrics = {**metrics, **_credit_metrics(gamma, batch, entropy)}
     updates, opt_state = optimizer(cfg.optim).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
@@ -253,13 +297,36 @@ def train_step(graphdef, state: TrainState, batch: Batch, cfg: StepConfig):
     return new_state, metrics
 
 
-def prepare(graphdef, state: TrainState, batch: Batch, cfg: StepConfig) -> Batch:
+def prepare(
+    graphdef, state: TrainState, batch: Batch, cfg: StepConfig, mesh: jax.sharding.Mesh | None = None
+) -> Batch:
     """Old log-probs and credit from the pre-update policy, computed once per rollout batch, for
-    several optimisation epochs over it (each epoch then passes this batch to `train_step`)."""
+    several optimisation epochs over it (each epoch then passes this batch to `train_step`).
+    With `cfg.micro_batch`, in passes like `train_step`'s; a batch-level credit variant is then
+    computed after the passes from their log-probs and entropies (it may not read attention)."""
     model = nnx.merge(graphdef, state.params)
-    logp, entropy, attn = sequence_log_probs(model, batch, _capture_spec(cfg, batch))
+    spec = _capture_spec(cfg, batch)
     credit_rng = jax.random.split(state.rng)[1]  # the key the fused step would use
-    gamma = credit_weights(batch, cfg, logp, entropy, attn, credit_rng)
+    shards = _batch_shards(mesh)
+    n = microbatch.passes(batch.tokens_BxT.shape[0], cfg.micro_batch, shards)
+    per_pass = n == 1 or credit_lib.get(cfg.credit.name).per_sequence
+    if not per_pass and spec != NONE:
+        raise ValueError(
+            f"credit variant {cfg.credit.name!r} ranks across the batch and reads attention: "
+            "it needs StepConfig.micro_batch None"
+        )
+
+    def one_pass(part):
+        part_batch, k = part
+        logp, entropy, attn = sequence_log_probs(model, part_batch, spec)
+        key = credit_rng if n == 1 else jax.random.fold_in(credit_rng, k)
+        gamma = credit_weights(part_batch, cfg, logp, entropy, attn, key) if per_pass else logp
+        return logp, entropy, gamma
+
+    parts = (microbatch.split(batch, n, shards, mesh), jnp.arange(n))
+    logp, entropy, gamma = microbatch.merge(microbatch.forward(one_pass, parts, n), shards, mesh)
+    if not per_pass:
+        gamma = credit_weights(batch, cfg, logp, entropy, None, credit_rng)
     return dataclasses.replace(
         batch, old_log_probs_BxT=jnp.where(batch.response_mask_BxT, logp, 0.0), gamma_BxT=gamma
     )
@@ -286,9 +353,11 @@ def make_train_step(
     """`train_step` jitted once for this mesh: state sharded FSDP-style and donated, batch over
     (data, fsdp), metrics replicated. Returns (step_fn, state placed on the mesh)."""
     sharding.check_batch(batch.tokens_BxT.shape[0], mesh)
+    n = microbatch.passes(batch.tokens_BxT.shape[0], cfg.micro_batch, _batch_shards(mesh))
+    _check_credit_passes(cfg, batch, n)
     placed = state_shardings(state, mesh)
     step_fn = jax.jit(
-        functools.partial(train_step, graphdef, cfg=cfg),
+        functools.partial(train_step, graphdef, cfg=cfg, mesh=mesh),
         in_shardings=(placed, _batch_shardings(batch, mesh)),
         out_shardings=(placed, sharding.replicated(mesh)),
         donate_argnums=0,
@@ -333,28 +402,42 @@ def make_prepare(graphdef, state: TrainState, batch: Batch, cfg: StepConfig, mes
     """`prepare` jitted for this mesh: fn(state, batch) -> batch with old log-probs and gamma
     (state read, not donated). `batch` gives shapes (without gamma)."""
     sharding.check_batch(batch.tokens_BxT.shape[0], mesh)
+    microbatch.passes(batch.tokens_BxT.shape[0], cfg.micro_batch, _batch_shards(mesh))
     out = dataclasses.replace(batch, gamma_BxT=batch.old_log_probs_BxT)
     return jax.jit(
-        functools.partial(prepare, graphdef, cfg=cfg),
+        functools.partial(prepare, graphdef, cfg=cfg, mesh=mesh),
         in_shardings=(state_shardings(state, mesh), _batch_shardings(batch, mesh)),
         out_shardings=_batch_shardings(out, mesh),
     )
 
 
-def response_log_probs(graphdef, params: nnx.State, batch: Batch):
+def response_log_probs(
+    graphdef,
+    params: nnx.State,
+    batch: Batch,
+    micro_batch: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+):
     """log p(token_t | tokens_<t) of the batch's response tokens under `params` (0 elsewhere),
-    no capture: the KL reference's log-probs."""
-    logp_BxT, _, _ = sequence_log_probs(nnx.merge(graphdef, params), batch, NONE)
+    no capture, in passes of `micro_batch` rows per device: the KL reference's log-probs."""
+    model = nnx.merge(graphdef, params)
+    shards = _batch_shards(mesh)
+    n = microbatch.passes(batch.tokens_BxT.shape[0], micro_batch, shards)
+    one_pass = lambda part: sequence_log_probs(model, part, NONE)[0]  # noqa: E731
+    parts = microbatch.split(batch, n, shards, mesh)
+    logp_BxT = microbatch.merge(microbatch.forward(one_pass, parts, n), shards, mesh)
     return jnp.where(batch.response_mask_BxT, logp_BxT, 0.0)
 
 
-def make_reference(graphdef, params: nnx.State, batch: Batch, mesh):
+def make_reference(graphdef, params: nnx.State, batch: Batch, mesh, micro_batch=None):
     """The KL reference policy: a frozen copy of `params`, sharded like the policy's, and
-    fn(batch) -> ref_log_probs_BxT jitted for this mesh."""
+    fn(batch) -> ref_log_probs_BxT jitted for this mesh (passes of `micro_batch` rows per
+    device, as the train step's)."""
+    microbatch.passes(batch.tokens_BxT.shape[0], micro_batch, _batch_shards(mesh))
     placed = sharding.tree_shardings(params, mesh)
     frozen = jax.device_put(jax.tree.map(jnp.copy, params), placed)
     fn = jax.jit(
-        functools.partial(response_log_probs, graphdef),
+        functools.partial(response_log_probs, graphdef, micro_batch=micro_batch, mesh=mesh),
         in_shardings=(placed, _batch_shardings(batch, mesh)),
         out_shardings=sharding.batch_sharding(mesh),
     )

@@ -1,0 +1,176 @@
+"""Micro-batched gradient accumulation: the same update as one pass, on every mesh and loss."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference_rl
+from flax import nnx
+
+from ftjax import credit, microbatch, rl, sharding, train
+from ftjax.models import config, transformer
+
+MODEL = config.tiny("llama")
+
+
+def make_batch(B=16, T=20, seed=0):
+    """Ragged responses (one empty), ragged left padding, one response without an answer."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, MODEL.vocab_size, (B, T)).astype(np.int32)
+    prompt = np.zeros((B, T), bool)
+    response = np.zeros((B, T), bool)
+    for b in range(B):
+        prompt[b, rng.integers(0, 4) : 8] = True
+        response[b, 8 : 8 + rng.integers(1, T - 8)] = True
+    response[B // 2] = False  # a row with no response tokens at all
+    answer = response & (np.arange(T) >= 10) & (np.arange(T) < 12)
+    rewards = rng.integers(0, 2, B).astype(np.float32)
+    old = np.where(response, rng.normal(-4.0, 0.3, (B, T)), 0.0).astype(np.float32)
+    return train.Batch(*(jnp.asarray(x) for x in (tokens, prompt, response, answer, rewards, old)))
+
+
+def step_once(step_cfg, batch, mesh_shape):
+    model = transformer.Transformer(MODEL, rngs=nnx.Rngs(0))
+    graphdef, state = train.init_state(model, step_cfg, jax.random.PRNGKey(0))
+    mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape))
+    step_fn, state = train.make_train_step(graphdef, state, batch, step_cfg, mesh)
+    state, metrics = step_fn(state, batch)
+    return state, {k: float(v) for k, v in metrics.items()}
+
+
+def cfg_for(aggregation, micro_batch=None, name="flowtracer"):
+    return train.StepConfig(
+        group_size=4,
+        loss=rl.LossConfig(aggregation=aggregation),
+        credit=credit.CreditConfig(name=name),
+        optim=train.OptimConfig(lr=1e-3),
+        micro_batch=micro_batch,
+    )
+
+
+def assert_same_update(got, want):
+    (got_state, got_metrics), (want_state, want_metrics) = got, want
+    for key in ("loss", "pg_loss", "grad_norm", "clip_fraction", "entropy", "credit/gamma_mean"):
+        np.testing.assert_allclose(got_metrics[key], want_metrics[key], rtol=1e-5, atol=1e-7,
+                                   err_msg=key)
+    for a, b in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(want_state.params),
+                    strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def one_pass():
+    """Each aggregation's one-pass update on one device: the reference for every split."""
+    return {agg: step_once(cfg_for(agg), make_batch(), (1, 1)) for agg in rl.AGGREGATIONS}
+
+
+CASES = [(agg, (2, 4)) for agg in rl.AGGREGATIONS] + [
+    ("token-mean", (8, 1)),
+    ("seq-mean-token-mean", (1, 8)),
+]
+SLOW_CASES = [
+    pytest.param(agg, shape, marks=pytest.mark.slow)
+    for agg, shape in [
+        ("seq-mean-token-mean", (8, 1)),
+        ("constant", (8, 1)),
+        ("token-mean", (1, 8)),
+        ("constant", (1, 8)),
+    ]
+]
+
+
+@pytest.mark.parametrize("aggregation, shape", CASES + SLOW_CASES)
+def test_micro_batched_step_equals_one_pass(one_pass, aggregation, shape):
+    # 16 rows on 8 batch shards: 2 rows per device, micro-batch 1 -> 2 passes.
+    got = step_once(cfg_for(aggregation, micro_batch=1), make_batch(), shape)
+    assert got[1]["skipped_nonfinite"] == 0.0
+    assert_same_update(got, one_pass[aggregation])
+
+
+def test_512_sequences_in_micro_batches_of_8_match_one_pass():
+    """The paper's 512 rollouts per update, 8 rows per device per pass (8 passes on 8 devices)."""
+    batch = make_batch(B=512, T=12, seed=3)
+    cfg = dataclasses.replace(cfg_for("token-mean"), group_size=8)
+    got = step_once(dataclasses.replace(cfg, micro_batch=8), batch, (8, 1))
+    assert_same_update(got, step_once(cfg, batch, (8, 1)))
+
+
+@pytest.mark.parametrize("aggregation", rl.AGGREGATIONS)
+def test_token_weights_sum_to_the_aggregation(aggregation):
+    rng = np.random.default_rng(1)
+    values = rng.normal(size=(6, 9))
+    mask = rng.random((6, 9)) < 0.5
+    mask[2] = False
+    cfg = rl.LossConfig(aggregation=aggregation)
+    weights = rl.token_weights(jnp.asarray(mask), cfg)
+    got = float(rl.weighted_sum(jnp.asarray(values, jnp.float32), jnp.asarray(mask), weights))
+    np.testing.assert_allclose(got, reference_rl.aggregate(values, mask, aggregation), rtol=1e-6)
+    # The weights of any split of the rows add up to the whole: the split losses sum to it.
+    halves = sum(float(rl.weighted_sum(jnp.asarray(values[s], jnp.float32),
+                                       jnp.asarray(mask[s]), weights[s]))
+                 for s in (slice(0, 3), slice(3, 6)))
+    np.testing.assert_allclose(halves, got, rtol=1e-6)
+
+
+@pytest.mark.parametrize("rows, n, shards", [(16, 2, 8), (16, 4, 2), (12, 3, 1), (8, 1, 4)])
+def test_split_gives_each_pass_a_slice_of_every_shard(rows, n, shards):
+    x = np.arange(rows * 3).reshape(rows, 3)
+    parts = np.asarray(microbatch.split(jnp.asarray(x), n, shards))
+    block, per_pass = rows // shards, rows // shards // n
+    for k in range(n):
+        want = [x[s * block + k * per_pass + j] for s in range(shards) for j in range(per_pass)]
+        np.testing.assert_array_equal(parts[k], np.stack(want))
+    np.testing.assert_array_equal(np.asarray(microbatch.merge(jnp.asarray(parts), shards)), x)
+
+
+def test_summed_grads_equal_the_whole_batch_grad():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(12, 5)), jnp.float32)
+    w = {"a": jnp.asarray(rng.normal(size=(5,)), jnp.float32)}
+
+    def loss_fn(params, rows):
+        y = jnp.tanh(rows @ params["a"])
+        return jnp.sum(y**2), y
+
+    loss, grads, aux = microbatch.grads(loss_fn, w, microbatch.split(x, 3, 2), 3)
+    (want_loss, want_y), want_grads = jax.value_and_grad(loss_fn, has_aux=True)(w, x)
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(grads["a"]), np.asarray(want_grads["a"]), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(microbatch.merge(aux, 2)), np.asarray(want_y))
+
+
+def test_prepare_and_reference_in_passes_equal_one_pass():
+    batch = make_batch()
+    mesh = sharding.make_mesh(sharding.MeshConfig(2, 4))
+    model = transformer.Transformer(MODEL, rngs=nnx.Rngs(0))
+    outs = {}
+    for name in ("flowtracer", "entropy_select"):  # per sequence, and ranked across the batch
+        for micro in (None, 1):
+            cfg = cfg_for("token-mean", micro, name)
+            graphdef, state = train.init_state(model, cfg, jax.random.PRNGKey(0))
+            prepare = train.make_prepare(graphdef, state, batch, cfg, mesh)
+            reference = train.make_reference(graphdef, state.params, batch, mesh, micro)
+            prepared = prepare(state, batch)
+            outs[name, micro] = (prepared.old_log_probs_BxT, prepared.gamma_BxT, reference(batch))
+        for got, want in zip(outs[name, 1], outs[name, None], strict=True):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+    assert float(jnp.sum(outs["entropy_select", 1][1])) > 0
+
+
+def test_bad_micro_batches_are_refused_before_compile():
+    batch = make_batch()
+    model = transformer.Transformer(MODEL, rngs=nnx.Rngs(0))
+    mesh = sharding.make_mesh(sharding.MeshConfig(2, 4))
+    with pytest.raises(ValueError, match="micro_batch must be None or >= 1"):
+        train.StepConfig(micro_batch=0)
+    cfg = cfg_for("token-mean", micro_batch=3)  # 2 rows per device
+    graphdef, state = train.init_state(model, cfg, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="micro_batch 3 does not divide the 2 rows"):
+        train.make_train_step(graphdef, state, batch, cfg, mesh)
+    with pytest.raises(ValueError, match="micro_batch 3 does not divide"):
+        train.make_prepare(graphdef, state, batch, cfg, mesh)
+    cfg = cfg_for("token-mean", micro_batch=1, name="entropy_select")
+    with pytest.raises(ValueError, match="'entropy_select' ranks across the whole batch"):
+        train.make_train_step(graphdef, state, batch, cfg, mesh)
