@@ -3,15 +3,14 @@
 Dims: B batch, T query tokens, S key slots (T without a cache, the cache length with one),
 E hidden, H query heads, K key/value heads, G = H / K, D head dim, F MLP width, V vocab, L layers.
 
-Captured layers compute explicit softmax probabilities one query chunk at a time and add each
-chunk's head mean, under stop_gradient, to the one B x T x S map carried across the layers (the
-running layer mean); the other layers use `jax.nn.dot_product_attention`, which may dispatch to a
-fused kernel (layers with soft-capped logits take the chunked path too, since it cannot cap).
+Attention and its capture live in `ftjax/models/attention.py`; this module stacks the layers.
 Parameter names follow Hugging Face's (`layers[i].self_attn.q_proj`, ...), so loaders map
 checkpoints one to one.
 
-Length: ~425 lines, over the house ~400, because the chunked capture loop and its memory notes
-sit next to the layer they belong to; the next cut would be attention into its own module.
+Memory for training at long T (both exact: same values and gradients):
+- `logits=False` returns the final-normed hidden states instead of the B x T x V float32 logits;
+  `unembed` turns any slice of them into logits (`ftjax.rl.chunked_next_token_log_probs`).
+- `remat` rematerialises each decoder layer in the backward pass (`REMAT_POLICIES`).
 """
 
 from __future__ import annotations
@@ -25,10 +24,36 @@ import numpy as np
 from flax import nnx
 
 from ftjax import capture as capture_lib
-from ftjax.models.config import SLIDING, ModelConfig, RopeScaling
+from ftjax.models.attention import (  # noqa: F401 (the RoPE and mask helpers: re-exported)
+    Attention,
+    apply_rope,
+    attention_mask,
+    rope_inverse_frequencies,
+)
+from ftjax.models.config import ModelConfig
+from ftjax.models.layers import RMSNorm, linear
 
-_MASKED = -1e30  # finite, so fully masked (padding) query rows give no NaN
-_QUERY_CHUNK = 128  # captured layers materialise B x H x 128 x S probabilities at a time
+# What each decoder layer keeps for the backward pass:
+# - "none": everything autodiff saves (no recomputation);
+# - "full": only the layer's inputs (`jax.checkpoint_policies.nothing_saveable`); the backward
+#   pass reruns the whole layer;
+# - "dots": the outputs of matmuls without batch dimensions, i.e. the q/k/v/o and MLP projections
+#   (`jax.checkpoint_policies.dots_with_no_batch_dims_saveable`); attention scores and
+#   probabilities (batched over B and heads), norms and activations are recomputed.
+# XLA:CPU's default scheduler may run a recomputation early, which hides the saving (see
+# tests/test_chunked_logprobs.py); the GPU and TPU pipelines keep it where the backward needs it.
+REMAT_POLICIES = ("none", "full", "dots")
+_CHECKPOINT_POLICY = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_remat(name: str) -> str:
+    """`name` if it is one of `REMAT_POLICIES`, else a ValueError naming it and the known ones."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {name!r}; known: {REMAT_POLICIES}")
+    return name
 
 
 @jax.tree_util.register_dataclass
@@ -58,199 +83,22 @@ class KVCache:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ForwardOutput:
-    """logits_BxTxV; attn_BxTxS: the captured head-and-layer-mean map (None without capture);
-    cache: the updated KV cache (None without one)."""
+    """logits_BxTxV (None with `logits=False`); attn_BxTxS: the captured head-and-layer-mean map
+    (None without capture); cache: the updated KV cache (None without one); hidden_BxTxE: the
+    final-normed hidden states (only with `logits=False`)."""
 
-    logits_BxTxV: jax.Array
+    logits_BxTxV: jax.Array | None
     attn_BxTxS: jax.Array | None = None
     cache: KVCache | None = None
-
-
-def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None):
-    """RoPE inverse frequencies (D/2,), with Llama-3's frequency-dependent scaling if given."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    if scaling is None:
-        return inv_freq
-    if scaling.kind == "linear":
-        return inv_freq / scaling.factor
-    old = scaling.original_max_position_embeddings
-    low_wavelen, high_wavelen = old / scaling.low_freq_factor, old / scaling.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
-    smooth = (old / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor
-    )
-    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
-    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return jnp.where(medium, smoothed, scaled)
-
-
-def apply_rope(x_BxTxNxD, positions_BxT, inv_freq):
-    """Rotate pairs (d, d + D/2) by position * frequency (the Hugging Face layout)."""
-    angles_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
-    angles_BxTx1xD = jnp.concatenate([angles_BxTxF, angles_BxTxF], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angles_BxTx1xD), jnp.sin(angles_BxTx1xD)
-    half = x_BxTxNxD.shape[-1] // 2
-    rotated = jnp.concatenate([-x_BxTxNxD[..., half:], x_BxTxNxD[..., :half]], axis=-1)
-    return x_BxTxNxD * cos.astype(x_BxTxNxD.dtype) + rotated * sin.astype(x_BxTxNxD.dtype)
-
-
-class RMSNorm(nnx.Module):
-    """x / rms(x) * w, or * (1 + w) for Gemma; computed in float32."""
-
-    def __init__(self, dim: int, eps: float, plus_one: bool, param_dtype=jnp.float32):
-        init = jnp.zeros if plus_one else jnp.ones  # Gemma's 1 + w starts at 1 too
-        self.weight = nnx.Param(init(dim, param_dtype))
-        self.eps, self.plus_one = eps, plus_one
-
-    def __call__(self, x):
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        w = self.weight.get_value().astype(jnp.float32)
-        return (normed * (1.0 + w if self.plus_one else w)).astype(x.dtype)
-
-
-def _linear(cfg_in: int, cfg_out: int, bias: bool, rngs: nnx.Rngs, dtype, param_dtype):
-    init = nnx.initializers.normal(0.02)
-    kw = dict(use_bias=bias, dtype=dtype, param_dtype=param_dtype, kernel_init=init, rngs=rngs)
-    return nnx.Linear(cfg_in, cfg_out, **kw)
-
-
-class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs, dtype, param_dtype):
-        E, H, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        lin = lambda i, o, b: _linear(i, o, b, rngs, dtype, param_dtype)  # noqa: E731
-        self.q_proj = lin(E, H * D, cfg.attention_bias)
-        self.k_proj = lin(E, K * D, cfg.attention_bias)
-        self.v_proj = lin(E, K * D, cfg.attention_bias)
-        self.o_proj = lin(H * D, E, cfg.output_bias)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(D, cfg.rms_norm_eps, cfg.norm_plus_one, param_dtype)
-            self.k_norm = RMSNorm(D, cfg.rms_norm_eps, cfg.norm_plus_one, param_dtype)
-        sliding = cfg.layer_type(layer) == SLIDING
-        self.window = cfg.sliding_window if sliding else None
-        self.rope_theta = (
-            cfg.rope_local_theta if sliding and cfg.rope_local_theta else cfg.rope_theta
-        )
-        self.rope_scaling = None if sliding else cfg.rope_scaling
-        self.heads, self.kv_heads, self.head_dim = H, K, D
-        self.qk_norm, self.scale = cfg.qk_norm, cfg.attention_scale
-        self.softcap = cfg.attn_logit_softcap
-
-    def __call__(self, x_BxTxE, positions_BxT, slots, past_kv=None, capture_into=None):
-        """Returns (out_BxTxE, map_BxTxS or None, this step's (k_BxTxKxD, v_BxTxKxD)).
-
-        slots: (query_slot_BxT, key_valid_BxS): queries sit in slots query_slot_BxT and attend
-        over the real keys of slots [0, S) (`attention_mask`). past_kv: (k_BxSxKxD, v_BxSxKxD,
-        index), this layer's cache, which gets this step's keys at [index, index + T); None: S = T.
-        capture_into: (map_BxTxS, row_weight_BxT): explicit softmax in query chunks, returning
-        map_BxTxS plus each row's head-mean probabilities times its weight. None: no map, and
-        `jax.nn.dot_product_attention` unless logits are soft-capped, which it cannot do."""
-        B, T, _ = x_BxTxE.shape
-        H, K, D = self.heads, self.kv_heads, self.head_dim
-        q_BxTxHxD, k_BxTxKxD, v_BxTxKxD = self._project(x_BxTxE, positions_BxT)
-        k_BxSxKxD, v_BxSxKxD = k_BxTxKxD, v_BxTxKxD
-        if past_kv is not None:
-            past_k_BxSxKxD, past_v_BxSxKxD, index = past_kv
-            k_BxSxKxD = jax.lax.dynamic_update_slice_in_dim(past_k_BxSxKxD, k_BxTxKxD, index, 1)
-            v_BxSxKxD = jax.lax.dynamic_update_slice_in_dim(past_v_BxSxKxD, v_BxTxKxD, index, 1)
-        if capture_into is None and not self.softcap:
-            mask_Bx1xTxS = self._mask(*slots)[:, None]
-            out = jax.nn.dot_product_attention(
-                q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask_Bx1xTxS, scale=self.scale
-            )
-            map_BxTxS = None
-        else:
-            q_BxTxKxGxD = q_BxTxHxD.reshape(B, T, K, H // K, D)
-            out, map_BxTxS = self._chunked(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, slots, capture_into)
-        return self.o_proj(out.reshape(B, T, H * D)), map_BxTxS, (k_BxTxKxD, v_BxTxKxD)
-
-    def head_probs(self, x_BxTxE, positions_BxT, slots):
-        """Per-head probabilities B x H x T x S, all at once, without a cache: a reference for
-        tests and analysis (the forward pass never materialises them)."""
-        B, T, _ = x_BxTxE.shape
-        H, K, D = self.heads, self.kv_heads, self.head_dim
-        q_BxTxHxD, k_BxTxKxD, v_BxTxKxD = self._project(x_BxTxE, positions_BxT)
-        q_BxTxKxGxD = q_BxTxHxD.reshape(B, T, K, H // K, D)
-        _, probs_BxKxGxTxS = self._explicit(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, self._mask(*slots))
-        return probs_BxKxGxTxS.reshape(B, H, T, -1)
-
-    def _project(self, x_BxTxE, positions_BxT):
-        """Queries, keys and values of this step: normed (qk_norm) and rotated."""
-        B, T, _ = x_BxTxE.shape
-        H, K, D = self.heads, self.kv_heads, self.head_dim
-        q_BxTxHxD = self.q_proj(x_BxTxE).reshape(B, T, H, D)
-        k_BxTxKxD = self.k_proj(x_BxTxE).reshape(B, T, K, D)
-        v_BxTxKxD = self.v_proj(x_BxTxE).reshape(B, T, K, D)
-        if self.qk_norm:
-            q_BxTxHxD, k_BxTxKxD = self.q_norm(q_BxTxHxD), self.k_norm(k_BxTxKxD)
-        inv_freq = rope_inverse_frequencies(D, self.rope_theta, self.rope_scaling)
-        q_BxTxHxD = apply_rope(q_BxTxHxD, positions_BxT, inv_freq)
-        k_BxTxKxD = apply_rope(k_BxTxKxD, positions_BxT, inv_freq)
-        return q_BxTxHxD, k_BxTxKxD, v_BxTxKxD
-
-    def _mask(self, query_slot_BxT, key_valid_BxS):
-        key_slot_S = jnp.arange(key_valid_BxS.shape[1])
-        return attention_mask(query_slot_BxT, key_slot_S, key_valid_BxS, self.window)
-
-    def _explicit(self, q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS):
-        logits = self.scale * jnp.einsum(
-            "btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD, preferred_element_type=jnp.float32
-        )
-        if self.softcap:
-            logits = jnp.tanh(logits / self.softcap) * self.softcap
-        logits = jnp.where(mask_BxTxS[:, None, None], logits, _MASKED)
-        probs_BxKxGxTxS = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs_BxKxGxTxS.astype(v_BxSxKxD.dtype), v_BxSxKxD)
-        return out, probs_BxKxGxTxS
-
-    def _chunked(self, q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, slots, capture_into):
-        """Explicit attention one query chunk at a time, adding each chunk's weighted head mean to
-        map_BxTxS in place: the working set is B x H x C x S, not B x H x T x S.
-
-        A loop, not unrolled chunks: XLA:CPU's default (concurrency-optimised) scheduler runs
-        independent chunks side by side and so keeps all their probabilities alive at once. The
-        loop's buffer starts as the queries and takes each chunk's output in place of its rows: a
-        zero-filled output buffer would be hoisted to the start of the program and held through
-        every earlier layer. Each chunk builds its own mask rows, so no T x S mask is kept alive.
-        Without capture_into (a soft-capped layer that is not captured) the map stays None."""
-        query_slot_BxT, key_valid_BxS = slots
-        map_BxTxS, row_weight_BxT = (None, None) if capture_into is None else capture_into
-
-        def rows(start, size, carry):
-            qo_BxTxKxGxD, map_BxTxS = carry
-            q_BxCxKxGxD = jax.lax.dynamic_slice_in_dim(qo_BxTxKxGxD, start, size, axis=1)
-            query_slot_BxC = jax.lax.dynamic_slice_in_dim(query_slot_BxT, start, size, axis=1)
-            mask_BxCxS = self._mask(query_slot_BxC, key_valid_BxS)
-            out, probs_BxKxGxCxS = self._explicit(q_BxCxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_BxCxS)
-            if map_BxTxS is None:  # not captured (soft-capped logits): the output only
-                return jax.lax.dynamic_update_slice_in_dim(qo_BxTxKxGxD, out, start, axis=1), None
-            weight_BxC = jax.lax.dynamic_slice_in_dim(row_weight_BxT, start, size, axis=1)
-            head_mean_BxCxS = jnp.mean(probs_BxKxGxCxS, axis=(1, 2)) * weight_BxC[:, :, None]
-            old_BxCxS = jax.lax.dynamic_slice_in_dim(map_BxTxS, start, size, axis=1)
-            new_BxCxS = old_BxCxS + jax.lax.stop_gradient(head_mean_BxCxS)
-            return (
-                jax.lax.dynamic_update_slice_in_dim(qo_BxTxKxGxD, out, start, axis=1),
-                jax.lax.dynamic_update_slice_in_dim(map_BxTxS, new_BxCxS, start, axis=1),
-            )
-
-        T = q_BxTxKxGxD.shape[1]
-        C = min(_QUERY_CHUNK, T)
-        full = T // C
-        carry = jax.lax.fori_loop(
-            0, full, lambda j, carry: rows(j * C, C, carry), (q_BxTxKxGxD, map_BxTxS)
-        )
-        if T % C:
-            carry = rows(full * C, T % C, carry)
-        return carry
+    hidden_BxTxE: jax.Array | None = None
 
 
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dtype, param_dtype):
         E, F = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = _linear(E, F, cfg.mlp_bias, rngs, dtype, param_dtype)
-        self.up_proj = _linear(E, F, cfg.mlp_bias, rngs, dtype, param_dtype)
-        self.down_proj = _linear(F, E, cfg.mlp_bias, rngs, dtype, param_dtype)
+        self.gate_proj = linear(E, F, cfg.mlp_bias, rngs, dtype, param_dtype)
+        self.up_proj = linear(E, F, cfg.mlp_bias, rngs, dtype, param_dtype)
+        self.down_proj = linear(F, E, cfg.mlp_bias, rngs, dtype, param_dtype)
         self.activation = cfg.activation
 
     def __call__(self, x):
@@ -291,15 +139,6 @@ class Block(nnx.Module):
         return x_BxTxE, map_BxTxS, new_kv
 
 
-def attention_mask(query_slot_BxT, key_slot_S, key_valid_BxS, window: int | None):
-    """Causal over slots, real keys only, and within `window` slots for sliding layers."""
-    lag_BxTxS = query_slot_BxT[:, :, None] - key_slot_S[None, None, :]
-    mask_BxTxS = (lag_BxTxS >= 0) & key_valid_BxS[:, None, :]
-    if window is not None:
-        mask_BxTxS &= lag_BxTxS < window
-    return mask_BxTxS
-
-
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
         self.cfg = cfg
@@ -316,7 +155,7 @@ class Transformer(nnx.Module):
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one, param_dtype)
         if not cfg.tie_embeddings:
-            self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, rngs, dtype, param_dtype)
+            self.lm_head = linear(cfg.hidden_size, cfg.vocab_size, False, rngs, dtype, param_dtype)
 
     def __call__(
         self,
@@ -326,9 +165,18 @@ class Transformer(nnx.Module):
         valid_BxT=None,
         capture: capture_lib.CaptureSpec = capture_lib.NONE,
         cache: KVCache | None = None,
+        logits: bool = True,
+        remat: str = "none",
     ) -> ForwardOutput:
         """Forward pass. Without a cache, positions default to the count of earlier valid tokens
-        (left padding gets real positions); with one, tokens fill slots [index, index + T)."""
+        (left padding gets real positions); with one, tokens fill slots [index, index + T).
+
+        logits=False: return the final-normed hidden_BxTxE instead of logits_BxTxV (`unembed`
+        maps them). remat: one of `REMAT_POLICIES`, applied to each decoder layer; training
+        only: anything but "none" with a cache (generation, no backward pass) is a ValueError."""
+        check_remat(remat)
+        if remat != "none" and cache is not None:
+            raise ValueError(f"remat={remat!r} is for training; with a cache it must be 'none'")
         tokens_BxT, valid_BxT = _checked_inputs(tokens_BxT, valid_BxT, self.cfg.vocab_size)
         positions_BxT, slots = self._positions_and_slots(valid_BxT, positions_BxT, cache)
         captured = capture_lib.captured_layers(capture, self.cfg.num_layers)
@@ -336,12 +184,24 @@ class Transformer(nnx.Module):
         if self.cfg.scale_embeddings:
             x_BxTxE = x_BxTxE * jnp.asarray(math.sqrt(self.cfg.hidden_size), x_BxTxE.dtype)
         x_BxTxE, attn_BxTxS, new_kv = self._blocks(
-            x_BxTxE, positions_BxT, slots, valid_BxT, captured, cache
+            x_BxTxE, positions_BxT, slots, valid_BxT, captured, cache, remat
         )
         new_cache = None if cache is None else _updated_cache(cache, new_kv, slots[1])
-        return ForwardOutput(
-            logits_BxTxV=self._logits(x_BxTxE), attn_BxTxS=attn_BxTxS, cache=new_cache
-        )
+        hidden_BxTxE = self.norm(x_BxTxE)
+        if not logits:
+            return ForwardOutput(None, attn_BxTxS, new_cache, hidden_BxTxE=hidden_BxTxE)
+        return ForwardOutput(self.unembed(hidden_BxTxE), attn_BxTxS, new_cache)
+
+    def unembed(self, hidden_BxTxE) -> jax.Array:
+        """float32 logits B x T x V of final-normed hidden states (any B, T): the lm_head or the
+        tied embedding, then the final logit softcap if the model has one."""
+        if self.cfg.tie_embeddings:
+            logits_BxTxV = self.embed_tokens.attend(hidden_BxTxE)
+        else:
+            logits_BxTxV = self.lm_head(hidden_BxTxE)
+        logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+        cap = self.cfg.final_logit_softcap
+        return jnp.tanh(logits_BxTxV / cap) * cap if cap else logits_BxTxV
 
     def _positions_and_slots(self, valid_BxT, positions_BxT, cache):
         """positions_BxT (default: see `__call__`) and slots = (query_slot_BxT, key_valid_BxS):
@@ -361,7 +221,7 @@ class Transformer(nnx.Module):
         key_valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, valid_BxT, index, 1)
         return positions_BxT, (query_slot_BxT, key_valid_BxS)
 
-    def _blocks(self, x_BxTxE, positions_BxT, slots, valid_BxT, captured, cache):
+    def _blocks(self, x_BxTxE, positions_BxT, slots, valid_BxT, captured, cache, remat):
         """Every block in order: (x_BxTxE, attn_BxTxS or None, each layer's new (k, v)).
 
         One map serves all captured layers, each adding its valid rows' head mean / L in place,
@@ -377,20 +237,24 @@ class Transformer(nnx.Module):
             if cache is not None:  # this step's keys and values go to slots [index, index + T)
                 past_kv = (cache.k_LxBxSxKxD[i], cache.v_LxBxSxKxD[i], cache.index)
             into = (attn_BxTxS, row_weight_BxT) if i in captured else None
-            x_BxTxE, map_BxTxS, kv = layer(x_BxTxE, positions_BxT, slots, past_kv, into)
+            block = layer if remat == "none" else _rematerialised(layer, remat)
+            x_BxTxE, map_BxTxS, kv = block(x_BxTxE, positions_BxT, slots, past_kv, into)
             attn_BxTxS = attn_BxTxS if map_BxTxS is None else map_BxTxS
             new_kv.append(kv)
         return x_BxTxE, attn_BxTxS, new_kv
 
-    def _logits(self, x_BxTxE):
-        x_BxTxE = self.norm(x_BxTxE)
-        if self.cfg.tie_embeddings:
-            logits_BxTxV = self.embed_tokens.attend(x_BxTxE)
-        else:
-            logits_BxTxV = self.lm_head(x_BxTxE)
-        logits_BxTxV = logits_BxTxV.astype(jnp.float32)
-        cap = self.cfg.final_logit_softcap
-        return jnp.tanh(logits_BxTxV / cap) * cap if cap else logits_BxTxV
+
+def _rematerialised(block: Block, remat: str):
+    """`block`'s call as a pure function of its parameters under `jax.checkpoint` with the named
+    policy (an explicit split/merge rather than `nnx.remat`: the block has no state to update).
+    The captured map it returns is already under stop_gradient, so it adds no residual."""
+    graphdef, state = nnx.split(block)
+
+    def call(state, *args):
+        return nnx.merge(graphdef, state)(*args)
+
+    checkpointed = jax.checkpoint(call, policy=_CHECKPOINT_POLICY[remat])
+    return lambda *args: checkpointed(state, *args)
 
 
 def _updated_cache(cache: KVCache, new_kv, key_valid_BxS) -> KVCache:
