@@ -128,7 +128,7 @@ class Updates:
             )
         if kl:
             reference = train.make_reference(
-                graphdef, nnx.state(model, nnx.Param), whole, mesh, step_cfg.micro_batch
+                graphdef, nnx.state(model, nnx.Param), whole, mesh, step_cfg
             )
         return Updates(step_fn, prepare, minibatch, reference), state
 

@@ -26,6 +26,9 @@ from ftjax import checkpoint, masked, microbatch, rl, sharding
 from ftjax import credit as credit_lib
 from ftjax.capture import NONE, CaptureSpec
 from ftjax.checkpoint import Checkpointer
+from ftjax.models.transformer import check_remat
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +67,21 @@ class StepConfig:
     capture: CaptureSpec = CaptureSpec()
     optim: OptimConfig = OptimConfig()
     micro_batch: int | None = None  # rows per device per forward/backward pass; None: all
+    remat: str = "none"  # recompute each layer in the backward pass: none / full / dots
+    logit_chunk: int | None = None  # log-probs this many tokens at a time; None: all at once
+    compute_dtype: str = "float32"  # forward/backward dtype; master params, Adam stay float32
 
     def __post_init__(self):
-        if self.micro_batch is not None and self.micro_batch < 1:
-            raise ValueError(f"StepConfig.micro_batch must be None or >= 1, got {self.micro_batch}")
+        for name in ("micro_batch", "logit_chunk"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"StepConfig.{name} must be None or an int >= 1, got {value!r}")
+        check_remat(self.remat)
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(
+                f"unknown StepConfig.compute_dtype {self.compute_dtype!r}; "
+                f"known: {tuple(COMPUTE_DTYPES)}"
+            )
         if self.group_size < 1:
             raise ValueError(f"StepConfig.group_size must be >= 1, got {self.group_size}")
         if self.loss.scale_advantages and self.group_size < 2:
@@ -130,11 +144,70 @@ def init_state(model: nnx.Module, cfg: StepConfig, rng) -> tuple[nnx.GraphDef, T
     return graphdef, state
 
 
-def sequence_log_probs(model, batch: Batch, spec: CaptureSpec):
-    """Per-token log-probs and entropies of the batch's own tokens, and the captured map."""
+def _traced_init(make_model, cfg: StepConfig):
+    """fn(rng) -> the TrainState of `init_state(make_model(nnx.Rngs(rng)), cfg, rng)`, for tracing
+    under jit / eval_shape; the graphdef (static) lands in the returned list when it is traced."""
+    graphdefs = []
+
+    def init(rng) -> TrainState:
+        graphdef, state = init_state(make_model(nnx.Rngs(rng)), cfg, rng)
+        graphdefs.append(graphdef)
+        return state
+
+    return init, graphdefs
+
+
+def abstract_state(
+    make_model, cfg: StepConfig, mesh: jax.sharding.Mesh
+) -> tuple[nnx.GraphDef, TrainState]:
+    """(graphdef, the train state as `jax.ShapeDtypeStruct`s carrying their `state_shardings`):
+    what `init_state_sharded` would make, without computing or allocating anything, to plan
+    (`jit(...).lower(state, batch)`) on any mesh. make_model(rngs) -> nnx.Module."""
+    init, graphdefs = _traced_init(make_model, cfg)
+    shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
+    placed = state_shardings(shapes, mesh)
+    like = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+    return graphdefs[0], jax.tree.map(like, shapes, placed)
+
+
+def init_state_sharded(
+    make_model, cfg: StepConfig, rng, mesh: jax.sharding.Mesh
+) -> tuple[nnx.GraphDef, TrainState]:
+    """`init_state(make_model(nnx.Rngs(rng)), cfg, rng)` created already sharded: one jit whose
+    outputs have `state_shardings`, so each device computes and holds only its shard of the
+    parameters and Adam moments (a whole float32 state of an 8B model would not fit on one
+    device). Same values as the unsharded init (jax's random bits do not depend on sharding)."""
+    graphdef, like = abstract_state(make_model, cfg, mesh)
+    init, _ = _traced_init(make_model, cfg)
+    placed = jax.tree.map(lambda x: x.sharding, like)
+    return graphdef, jax.jit(init, out_shardings=placed)(rng)
+
+
+def policy_model(graphdef, params: nnx.State, cfg: StepConfig) -> nnx.Module:
+    """The policy computing in `cfg.compute_dtype`: float parameters cast on the way in (the
+    gradient flows back through the cast to the float32 master copy in the state)."""
+    dtype = COMPUTE_DTYPES[cfg.compute_dtype]
+    if dtype != jnp.float32:
+        cast = lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p  # noqa: E731
+        params = jax.tree.map(cast, params)
+    return nnx.merge(graphdef, params)
+
+
+def sequence_log_probs(
+    model, batch: Batch, spec: CaptureSpec, remat: str = "none", logit_chunk: int | None = None
+):
+    """Per-token log-probs and entropies (float32) of the batch's own tokens, and the captured
+    map. With `logit_chunk`, no B x T x V logits exist: they are made and dropped that many
+    tokens at a time, and recomputed in the backward pass (`rl.chunked_next_token_log_probs`)."""
     valid_BxT = batch.prompt_mask_BxT | batch.response_mask_BxT
-    out = model(batch.tokens_BxT, valid_BxT=valid_BxT, capture=spec)
-    logp, entropy = rl.next_token_log_probs(out.logits_BxTxV, batch.tokens_BxT)
+    if logit_chunk is None:
+        out = model(batch.tokens_BxT, valid_BxT=valid_BxT, capture=spec, remat=remat)
+        logp, entropy = rl.next_token_log_probs(out.logits_BxTxV, batch.tokens_BxT)
+    else:
+        out = model(batch.tokens_BxT, valid_BxT=valid_BxT, capture=spec, remat=remat, logits=False)
+        logp, entropy = rl.chunked_next_token_log_probs(
+            out.hidden_BxTxE, batch.tokens_BxT, model.unembed, logit_chunk
+        )
     return logp, entropy, out.attn_BxTxS
 
 
@@ -210,23 +283,23 @@ def _all_finite(tree) -> jax.Array:
     return functools.reduce(jnp.logical_and, flags, jnp.asarray(True))
 
 
-def train_step(
-    graphdef, state: TrainState, batch: Batch, cfg: StepConfig, mesh: jax.sharding.Mesh | None = None
+def batch_grads(
+    graphdef,
+    params: nnx.State,
+    batch: Batch,
+    advantages_B,
+    cfg: StepConfig,
+    credit_rng,
+    mesh: jax.sharding.Mesh | None = None,
 ):
-    """One policy-gradient update; the step is skipped (and counted) if the rewards, the loss,
-    the gradients, or the new parameters and optimiser state hold a non-finite value, so no
-    non-finite value ever enters the state.
+    """Gradient of the whole batch's policy loss, and each token's (log-prob, entropy, gamma).
 
     With `cfg.micro_batch` the batch goes through the model in passes of that many rows per
-    device (`microbatch`), gradients summed, one optimiser update: the loss of every pass is its
-    tokens' share of the whole batch's aggregation (`rl.token_weights`), so the update equals the
-    one-pass update. Credit is computed per pass (it is per sequence); a `random` variant then
-    draws per pass, a different draw of the same distribution. `mesh` places the passes' rows."""
-    rng, credit_rng = jax.random.split(state.rng)
+    device (`microbatch`), gradients summed: the loss of every pass is its tokens' share of the
+    whole batch's aggregation (`rl.token_weights`), so the sum is the one-pass gradient. Credit
+    is computed per pass (it is per sequence); a `random` variant then draws per pass, a
+    different draw of the same distribution. `mesh` places the passes' rows."""
     spec = _capture_spec(cfg, batch)
-    advantages_B = rl.group_advantages(
-        batch.rewards_B, cfg.group_size, cfg.loss.scale_advantages, cfg.loss.std_eps
-    )
     shards = _batch_shards(mesh)
     n = microbatch.passes(batch.tokens_BxT.shape[0], cfg.micro_batch, shards)
     _check_credit_passes(cfg, batch, n)
@@ -234,8 +307,10 @@ def train_step(
 
     def loss_fn(params, part):
         (part_batch, adv_B, weights), k = part
-        model = nnx.merge(graphdef, params)
-        logp, entropy, attn = sequence_log_probs(model, part_batch, spec)
+        model = policy_model(graphdef, params, cfg)
+        logp, entropy, attn = sequence_log_probs(
+            model, part_batch, spec, cfg.remat, cfg.logit_chunk
+        )
         gamma = part_batch.gamma_BxT
         if gamma is None:
             key = credit_rng if n == 1 else jax.random.fold_in(credit_rng, k)
@@ -253,8 +328,27 @@ def train_step(
         return loss, (logp, entropy, gamma)
 
     parts = (microbatch.split((batch, advantages_B, weights_BxT), n, shards, mesh), jnp.arange(n))
-    _, grads, aux = microbatch.grads(loss_fn, state.params, parts, n)
-    logp, entropy, gamma = jax.lax.stop_gradient(microbatch.merge(aux, shards, mesh))
+    _, grads, aux = microbatch.grads(loss_fn, params, parts, n)
+    return grads, jax.lax.stop_gradient(microbatch.merge(aux, shards, mesh))
+
+
+def train_step(
+    graphdef,
+    state: TrainState,
+    batch: Batch,
+    cfg: StepConfig,
+    mesh: jax.sharding.Mesh | None = None,
+):
+    """One policy-gradient update (`batch_grads`, then AdamW); the step is skipped (and
+    counted) if the rewards, the loss, the gradients, or the new parameters and optimiser state
+    hold a non-finite value, so no non-finite value ever enters the state."""
+    rng, credit_rng = jax.random.split(state.rng)
+    advantages_B = rl.group_advantages(
+        batch.rewards_B, cfg.group_size, cfg.loss.scale_advantages, cfg.loss.std_eps
+    )
+    grads, (logp, entropy, gamma) = batch_grads(
+        graphdef, state.params, batch, advantages_B, cfg, credit_rng, mesh
+    )
     # The loss and its metrics over the whole batch, from the passes' log-probs.
     loss, metrics = rl.policy_loss(
         logp,
@@ -298,13 +392,17 @@ def train_step(
 
 
 def prepare(
-    graphdef, state: TrainState, batch: Batch, cfg: StepConfig, mesh: jax.sharding.Mesh | None = None
+    graphdef,
+    state: TrainState,
+    batch: Batch,
+    cfg: StepConfig,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Batch:
     """Old log-probs and credit from the pre-update policy, computed once per rollout batch, for
     several optimisation epochs over it (each epoch then passes this batch to `train_step`).
     With `cfg.micro_batch`, in passes like `train_step`'s; a batch-level credit variant is then
     computed after the passes from their log-probs and entropies (it may not read attention)."""
-    model = nnx.merge(graphdef, state.params)
+    model = policy_model(graphdef, state.params, cfg)
     spec = _capture_spec(cfg, batch)
     credit_rng = jax.random.split(state.rng)[1]  # the key the fused step would use
     shards = _batch_shards(mesh)
@@ -318,7 +416,7 @@ def prepare(
 
     def one_pass(part):
         part_batch, k = part
-        logp, entropy, attn = sequence_log_probs(model, part_batch, spec)
+        logp, entropy, attn = sequence_log_probs(model, part_batch, spec, "none", cfg.logit_chunk)
         key = credit_rng if n == 1 else jax.random.fold_in(credit_rng, k)
         gamma = credit_weights(part_batch, cfg, logp, entropy, attn, key) if per_pass else logp
         return logp, entropy, gamma
@@ -415,29 +513,34 @@ def response_log_probs(
     graphdef,
     params: nnx.State,
     batch: Batch,
-    micro_batch: int | None = None,
+    cfg: StepConfig | None = None,
     mesh: jax.sharding.Mesh | None = None,
 ):
     """log p(token_t | tokens_<t) of the batch's response tokens under `params` (0 elsewhere),
-    no capture, in passes of `micro_batch` rows per device: the KL reference's log-probs."""
-    model = nnx.merge(graphdef, params)
+    no capture, computed as the train step computes (dtype, micro-batch passes, logit chunks):
+    the KL reference's log-probs."""
+    cfg = StepConfig() if cfg is None else cfg
+    model = policy_model(graphdef, params, cfg)
     shards = _batch_shards(mesh)
-    n = microbatch.passes(batch.tokens_BxT.shape[0], micro_batch, shards)
-    one_pass = lambda part: sequence_log_probs(model, part, NONE)[0]  # noqa: E731
+    n = microbatch.passes(batch.tokens_BxT.shape[0], cfg.micro_batch, shards)
+
+    def one_pass(part):
+        return sequence_log_probs(model, part, NONE, "none", cfg.logit_chunk)[0]
+
     parts = microbatch.split(batch, n, shards, mesh)
     logp_BxT = microbatch.merge(microbatch.forward(one_pass, parts, n), shards, mesh)
     return jnp.where(batch.response_mask_BxT, logp_BxT, 0.0)
 
 
-def make_reference(graphdef, params: nnx.State, batch: Batch, mesh, micro_batch=None):
+def make_reference(graphdef, params: nnx.State, batch: Batch, mesh, cfg: StepConfig | None = None):
     """The KL reference policy: a frozen copy of `params`, sharded like the policy's, and
-    fn(batch) -> ref_log_probs_BxT jitted for this mesh (passes of `micro_batch` rows per
-    device, as the train step's)."""
-    microbatch.passes(batch.tokens_BxT.shape[0], micro_batch, _batch_shards(mesh))
+    fn(batch) -> ref_log_probs_BxT jitted for this mesh, computed as the step `cfg` computes."""
+    cfg = StepConfig() if cfg is None else cfg
+    microbatch.passes(batch.tokens_BxT.shape[0], cfg.micro_batch, _batch_shards(mesh))
     placed = sharding.tree_shardings(params, mesh)
     frozen = jax.device_put(jax.tree.map(jnp.copy, params), placed)
     fn = jax.jit(
-        functools.partial(response_log_probs, graphdef, micro_batch=micro_batch, mesh=mesh),
+        functools.partial(response_log_probs, graphdef, cfg=cfg, mesh=mesh),
         in_shardings=(placed, _batch_shardings(batch, mesh)),
         out_shardings=sharding.batch_sharding(mesh),
     )
