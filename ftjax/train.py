@@ -29,6 +29,10 @@ from ftjax.checkpoint import Checkpointer
 from ftjax.models.transformer import check_remat
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# fused: the training forward's captured layers give the map (no extra pass; their explicit
+# softmax keeps B x H x T x S probabilities for the backward pass). separate: a gradient-free
+# forward gives it first, and every layer of the training forward uses the fused kernel.
+CREDIT_PASSES = ("fused", "separate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +74,7 @@ class StepConfig:
     remat: str = "none"  # recompute each layer in the backward pass: none / full / dots
     logit_chunk: int | None = None  # log-probs this many tokens at a time; None: all at once
     compute_dtype: str = "float32"  # forward/backward dtype; master params, Adam stay float32
+    credit_pass: str = "fused"  # credit from the training forward, or a "separate" no-grad one
 
     def __post_init__(self):
         for name in ("micro_batch", "logit_chunk"):
@@ -77,6 +82,10 @@ class StepConfig:
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"StepConfig.{name} must be None or an int >= 1, got {value!r}")
         check_remat(self.remat)
+        if self.credit_pass not in CREDIT_PASSES:
+            raise ValueError(
+                f"unknown StepConfig.credit_pass {self.credit_pass!r}; known: {CREDIT_PASSES}"
+            )
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(
                 f"unknown StepConfig.compute_dtype {self.compute_dtype!r}; "
@@ -247,7 +256,8 @@ def _batch_shards(mesh: jax.sharding.Mesh | None) -> int:
 def _check_credit_passes(cfg: StepConfig, batch: Batch, n: int) -> None:
     """A batch-level credit variant needs the whole batch in one pass, or gamma given."""
     variant = credit_lib.get(cfg.credit.name)
-    if n > 1 and batch.gamma_BxT is None and not variant.per_sequence:
+    fused = batch.gamma_BxT is None and cfg.credit_pass == "fused"
+    if n > 1 and fused and not variant.per_sequence:
         raise ValueError(
             f"credit variant {cfg.credit.name!r} ranks across the whole batch, so it cannot be "
             f"computed one micro-batch at a time: use StepConfig.micro_batch None, or compute "
@@ -298,7 +308,13 @@ def batch_grads(
     device (`microbatch`), gradients summed: the loss of every pass is its tokens' share of the
     whole batch's aggregation (`rl.token_weights`), so the sum is the one-pass gradient. Credit
     is computed per pass (it is per sequence); a `random` variant then draws per pass, a
-    different draw of the same distribution. `mesh` places the passes' rows."""
+    different draw of the same distribution. `mesh` places the passes' rows.
+
+    With `cfg.credit_pass` "separate", gamma comes from a gradient-free forward first
+    (`forward_credit`) and the training forward captures nothing."""
+    if cfg.credit_pass == "separate" and batch.gamma_BxT is None:
+        _, _, gamma_BxT = forward_credit(graphdef, params, batch, cfg, credit_rng, mesh)
+        batch = dataclasses.replace(batch, gamma_BxT=gamma_BxT)
     spec = _capture_spec(cfg, batch)
     shards = _batch_shards(mesh)
     n = microbatch.passes(batch.tokens_BxT.shape[0], cfg.micro_batch, shards)
@@ -391,20 +407,19 @@ def train_step(
     return new_state, metrics
 
 
-def prepare(
+def forward_credit(
     graphdef,
-    state: TrainState,
+    params: nnx.State,
     batch: Batch,
     cfg: StepConfig,
+    credit_rng,
     mesh: jax.sharding.Mesh | None = None,
-) -> Batch:
-    """Old log-probs and credit from the pre-update policy, computed once per rollout batch, for
-    several optimisation epochs over it (each epoch then passes this batch to `train_step`).
-    With `cfg.micro_batch`, in passes like `train_step`'s; a batch-level credit variant is then
-    computed after the passes from their log-probs and entropies (it may not read attention)."""
-    model = policy_model(graphdef, state.params, cfg)
-    spec = _capture_spec(cfg, batch)
-    credit_rng = jax.random.split(state.rng)[1]  # the key the fused step would use
+):
+    """(log-probs, entropies, gamma) of every token from a gradient-free forward pass, in
+    `cfg.micro_batch` passes; a batch-level credit variant is computed after the passes from
+    their log-probs and entropies (so it may not read attention with micro-batches)."""
+    model = policy_model(graphdef, params, cfg)
+    spec = cfg.capture if "attn_BxTxT" in credit_lib.get(cfg.credit.name).needs else NONE
     shards = _batch_shards(mesh)
     n = microbatch.passes(batch.tokens_BxT.shape[0], cfg.micro_batch, shards)
     per_pass = n == 1 or credit_lib.get(cfg.credit.name).per_sequence
@@ -425,6 +440,20 @@ def prepare(
     logp, entropy, gamma = microbatch.merge(microbatch.forward(one_pass, parts, n), shards, mesh)
     if not per_pass:
         gamma = credit_weights(batch, cfg, logp, entropy, None, credit_rng)
+    return jax.lax.stop_gradient((logp, entropy, gamma))
+
+
+def prepare(
+    graphdef,
+    state: TrainState,
+    batch: Batch,
+    cfg: StepConfig,
+    mesh: jax.sharding.Mesh | None = None,
+) -> Batch:
+    """Old log-probs and credit from the pre-update policy, computed once per rollout batch, for
+    several optimisation epochs over it (each epoch then passes this batch to `train_step`)."""
+    credit_rng = jax.random.split(state.rng)[1]  # the key the fused step would use
+    logp, _, gamma = forward_credit(graphdef, state.params, batch, cfg, credit_rng, mesh)
     return dataclasses.replace(
         batch, old_log_probs_BxT=jnp.where(batch.response_mask_BxT, logp, 0.0), gamma_BxT=gamma
     )

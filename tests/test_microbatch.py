@@ -53,10 +53,12 @@ def cfg_for(aggregation, micro_batch=None, name="flowtracer"):
 def assert_same_update(got, want):
     (got_state, got_metrics), (want_state, want_metrics) = got, want
     for key in ("loss", "pg_loss", "grad_norm", "clip_fraction", "entropy", "credit/gamma_mean"):
-        np.testing.assert_allclose(got_metrics[key], want_metrics[key], rtol=1e-5, atol=1e-7,
-                                   err_msg=key)
-    for a, b in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(want_state.params),
-                    strict=True):
+        np.testing.assert_allclose(
+            got_metrics[key], want_metrics[key], rtol=1e-5, atol=1e-7, err_msg=key
+        )
+    for a, b in zip(
+        jax.tree.leaves(got_state.params), jax.tree.leaves(want_state.params), strict=True
+    ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
@@ -108,9 +110,12 @@ def test_token_weights_sum_to_the_aggregation(aggregation):
     got = float(rl.weighted_sum(jnp.asarray(values, jnp.float32), jnp.asarray(mask), weights))
     np.testing.assert_allclose(got, reference_rl.aggregate(values, mask, aggregation), rtol=1e-6)
     # The weights of any split of the rows add up to the whole: the split losses sum to it.
-    halves = sum(float(rl.weighted_sum(jnp.asarray(values[s], jnp.float32),
-                                       jnp.asarray(mask[s]), weights[s]))
-                 for s in (slice(0, 3), slice(3, 6)))
+    halves = sum(
+        float(
+            rl.weighted_sum(jnp.asarray(values[s], jnp.float32), jnp.asarray(mask[s]), weights[s])
+        )
+        for s in (slice(0, 3), slice(3, 6))
+    )
     np.testing.assert_allclose(halves, got, rtol=1e-6)
 
 
@@ -163,8 +168,15 @@ def test_bad_micro_batches_are_refused_before_compile():
     batch = make_batch()
     model = transformer.Transformer(MODEL, rngs=nnx.Rngs(0))
     mesh = sharding.make_mesh(sharding.MeshConfig(2, 4))
-    with pytest.raises(ValueError, match="micro_batch must be None or >= 1"):
-        train.StepConfig(micro_batch=0)
+    for bad, message in [
+        ({"micro_batch": 0}, "micro_batch must be None or an int >= 1"),
+        ({"logit_chunk": 0}, "logit_chunk must be None or an int >= 1"),
+        ({"remat": "some"}, "unknown remat policy 'some'"),
+        ({"compute_dtype": "float16"}, "unknown StepConfig.compute_dtype 'float16'"),
+        ({"credit_pass": "later"}, "unknown StepConfig.credit_pass 'later'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            train.StepConfig(**bad)
     cfg = cfg_for("token-mean", micro_batch=3)  # 2 rows per device
     graphdef, state = train.init_state(model, cfg, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="micro_batch 3 does not divide the 2 rows"):
@@ -182,18 +194,26 @@ def grads_on_mesh(cfg, batch, shape):
     graphdef, state = train.init_state(model, cfg, jax.random.PRNGKey(0))
     mesh = sharding.make_mesh(sharding.MeshConfig(*shape))
     adv = rl.group_advantages(batch.rewards_B, cfg.group_size)
-    fn = jax.jit(lambda params, batch, adv: train.batch_grads(
-        graphdef, params, batch, adv, cfg, jax.random.PRNGKey(1), mesh))
+    fn = jax.jit(
+        lambda params, batch, adv: train.batch_grads(
+            graphdef, params, batch, adv, cfg, jax.random.PRNGKey(1), mesh
+        )
+    )
     return fn(state.params, batch, adv)
 
 
-@pytest.mark.parametrize("knobs", [
-    {"micro_batch": 1},
-    {"micro_batch": 1, "remat": "full", "logit_chunk": 5},
-    {"remat": "dots", "logit_chunk": 64},
-])
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {"micro_batch": 1},
+        {"micro_batch": 1, "remat": "full", "logit_chunk": 5},
+        {"remat": "dots", "logit_chunk": 64},
+        {"credit_pass": "separate", "micro_batch": 1, "remat": "full"},
+    ],
+)
 def test_memory_knobs_leave_the_gradient_unchanged(knobs):
-    """Passes, per-layer remat and chunked log-probs change where memory goes, not the math:
+    """Passes, per-layer remat, chunked log-probs and credit from a separate gradient-free pass
+    change where memory goes, not the math:
     the gradient (compared, not the Adam update, whose first step lr * g / |g| magnifies float
     rounding where g ~ 0) and every token's log-prob, entropy and gamma."""
     batch, base = make_batch(), cfg_for("seq-mean-token-mean")
@@ -218,8 +238,9 @@ def test_bfloat16_compute_stays_close_to_float32(one_pass):
         np.testing.assert_allclose(metrics[key], want[key], rtol=3e-2, err_msg=key)
     initial = nnx.state(transformer.Transformer(MODEL, rngs=nnx.Rngs(0)), nnx.Param)
     moved = agree = 0
-    for new, ref, old in zip(*(jax.tree.leaves(s) for s in (state.params, want_state.params,
-                                                              initial)), strict=True):
+    for new, ref, old in zip(
+        *(jax.tree.leaves(s) for s in (state.params, want_state.params, initial)), strict=True
+    ):
         assert new.dtype == jnp.float32
         step, ref_step = np.asarray(new - old), np.asarray(ref - old)
         big = np.abs(ref_step) > 5e-4  # Adam's first step is ~lr * sign(g) where g is not ~0
