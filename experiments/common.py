@@ -89,6 +89,7 @@ class QuickstartConfig:
     prompts_per_step: int = 8
     group_size: int = 8
     lr: float = 1e-4
+    compute_dtype: str = "float32"  # the RL step's forward/backward; "bfloat16" keeps fp32 Adam
     temperature: float = 1.0
     eval_prompts: int = 512
     precision_responses: int = 256
@@ -110,6 +111,7 @@ def step_config(cfg: QuickstartConfig, credit_name: str) -> train.StepConfig:
         loss=rl.LossConfig(clip_high=0.28),
         credit=credit.CreditConfig(name=credit_name),
         optim=train.OptimConfig(lr=cfg.lr),
+        compute_dtype=cfg.compute_dtype,
     )
 
 
