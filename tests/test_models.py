@@ -96,7 +96,13 @@ def assert_close(actual, expected, atol=ATOL):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("padded", [False, True], ids=["full", "left_padded"])
+@pytest.mark.parametrize(
+    "padded",
+    # Unpadded rows are a special case of the left-padded batch (its row 0 has no padding), so the
+    # default suite runs the padded case only (CI time).
+    [pytest.param(False, marks=pytest.mark.slow), True],
+    ids=["full", "left_padded"],
+)
 def test_prefill_then_decode_equals_full_forward(family, padded):
     model = family_model(family)
     tokens = random_tokens()
