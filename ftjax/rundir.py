@@ -33,6 +33,13 @@ VOLATILE = (
     "loop.keep_checkpoints",
     "loop.progress",
     "loop.mesh.",  # the same update on another slice; sharded == single-device is tested
+    # where a step's memory goes, not what it computes (tests/test_microbatch.py): so a run can
+    # resume on a smaller slice with smaller micro-batches (the `random` control credit then
+    # draws per pass: another draw of the same distribution)
+    "step.micro_batch",
+    "step.remat",
+    "step.logit_chunk",
+    "step.credit_pass",
     "run_dir",
     "multihost",
     "eval.",
