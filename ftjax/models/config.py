@@ -2,7 +2,8 @@
 
 One frozen dataclass covers the families; each family is a set of switches (QK-norm, sandwich
 norms, (1 + w) RMSNorm, GeGLU, sliding windows with their own RoPE base, embedding scaling).
-`from_hf` reads a Hugging Face `config.json` dict (transformers 4.x and 5.x layouts).
+`from_hf` reads a Hugging Face `config.json` dict (transformers 4.x and 5.x layouts); `named`
+gives the published Qwen3 dense shapes by name, through `from_hf`, for planning without a download.
 """
 
 from __future__ import annotations
@@ -224,6 +225,57 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
         mlp_bias=bool(hf.get("mlp_bias", False)),
         qk_norm=family == "qwen3",
     )
+
+
+# ------------------------------------------------------------------------- named model shapes
+
+# The Qwen3 dense checkpoints' config.json shapes (Hugging Face Qwen/Qwen3-<size>): layers, hidden,
+# MLP width, query heads, key/value heads, tied embeddings. The post-trained checkpoints publish a
+# context of 40960 and eos <|im_end|>; the -Base ones (the paper's) 32768 and eos <|endoftext|>.
+_QWEN3_SHAPES = {
+    "0.6b": (28, 1024, 3072, 16, 8, True),
+    "1.7b": (28, 2048, 6144, 16, 8, True),
+    "4b": (36, 2560, 9728, 32, 8, True),
+    "8b": (36, 4096, 12288, 32, 8, False),
+}
+
+
+def _qwen3_config_json(size: str, base: bool) -> dict[str, Any]:
+    layers, hidden, mlp, heads, kv_heads, tied = _QWEN3_SHAPES[size]
+    return {
+        "model_type": "qwen3",
+        "vocab_size": 151936,
+        "hidden_size": hidden,
+        "intermediate_size": mlp,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": 128,
+        "max_position_embeddings": 32768 if base else 40960,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "rope_scaling": None,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "tie_word_embeddings": tied,
+        "bos_token_id": 151643,
+        "eos_token_id": 151643 if base else 151645,
+    }
+
+
+NAMED_CONFIG_JSON = {
+    f"qwen3-{size}{suffix}": _qwen3_config_json(size, base=bool(suffix))
+    for size in _QWEN3_SHAPES
+    for suffix in ("", "-base")
+}
+
+
+def named(name: str) -> ModelConfig:
+    """The ModelConfig of a published checkpoint by name (`NAMED_CONFIG_JSON`, e.g. "qwen3-4b",
+    "qwen3-8b-base"), read by `from_hf` like a downloaded config.json. Shapes only: no weights."""
+    if name not in NAMED_CONFIG_JSON:
+        raise ValueError(f"unknown model name {name!r}; known: {sorted(NAMED_CONFIG_JSON)}")
+    return from_hf(NAMED_CONFIG_JSON[name])
 
 
 def tiny(family: str = "llama", **overrides) -> ModelConfig:
