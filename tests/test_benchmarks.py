@@ -1,9 +1,16 @@
 """The benchmark scripts still run (tiny sizes; they time nothing here, they only must not rot)."""
 
+import json
+import re
+
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
-from benchmarks import bench_capture, bench_flow, bench_step, bench_vs_trl
+from benchmarks import bench_capture, bench_flow, bench_step, bench_vs_trl, plan_memory
+from ftjax import rollout, sharding, train
+from ftjax.models import config, transformer
 
 
 def test_bench_flow_runs():
@@ -17,6 +24,83 @@ def test_bench_capture_and_step_run():
     assert result["capture_mb"] >= result["plain_mb"] and np.isfinite(result["capture_ms"])
     step_ms, step_mb = bench_step.measure("flowtracer", bench_step.make_batch(4, 32, 512), 32, 1)
     assert step_ms > 0 and step_mb > 0
+
+
+PLAN_ARGS = ["--prompt_len", "8", "--response_len", "8", "--rollouts", "16", "--group_size", "4",
+             "--mesh", "1x8", "--micro_batch", "1", "--remat", "full", "--dtype", "bfloat16",
+             "--logit_chunk", "8"]
+
+
+def test_plan_memory_plans_what_make_train_step_plans(tmp_path):
+    """The planner (abstract state and batch, nothing allocated) plans the very step that
+    `train.make_train_step` builds for a concrete state; over the limit it exits naming both."""
+    model_cfg = config.tiny("qwen3", vocab_size=256, num_layers=2)
+    hf = {"model_type": "qwen3", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "head_dim": 16, "max_position_embeddings": 512}
+    assert config.from_hf(hf) == model_cfg
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    argv = ["--model", str(tmp_path), *PLAN_ARGS, "--limit_gib", "1e-6",
+            "--jsonl", str(tmp_path / "plans.jsonl")]
+    with pytest.raises(SystemExit, match="exceeds --limit_gib 1e-06"):
+        plan_memory.main(argv)
+    (record,) = [json.loads(line) for line in (tmp_path / "plans.jsonl").read_text().splitlines()]
+    assert record["total"] == record["argument"] + record["output"] + record["temp"] - record[
+        "alias"]
+    assert record["largest"] and record["compile_s"] > 0
+
+    cfg = plan_memory.step_config(plan_memory.parse_args(argv))
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=8))
+    model = transformer.Transformer(model_cfg, rngs=nnx.Rngs(0))
+    graphdef, state = train.init_state(model, cfg, jax.random.PRNGKey(0))
+    batch = rollout.batch_like(16, 16)
+    step_fn, state = train.make_train_step(graphdef, state, batch, cfg, mesh)
+    assert train.planned_bytes(step_fn, state, batch) == record["total"]
+    assert record["params"] == plan_memory.shard_bytes(state.params)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (["--model", "qwen3-5b"], "neither a known name"),
+        (["--micro_batch", "3"], "micro_batch 3 does not divide the 2 rows"),
+        (["--remat", "layers"], "unknown remat policy 'layers'"),
+        (["--dtype", "float16"], "unknown StepConfig.compute_dtype 'float16'"),
+        (["--mesh", "8"], "--mesh must be DATAxFSDP"),
+        (["--credit_pass", "both"], "unknown StepConfig.credit_pass 'both'"),
+        (["--rollouts", "18"], "not a multiple of --group_size"),
+    ],
+)
+def test_plan_memory_refuses_bad_settings_before_compiling(change, message):
+    args = plan_memory.parse_args(["--model", "qwen3-0.6b", *PLAN_ARGS, *change])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        plan_memory.plan_setting(args)
+
+
+def test_plan_memory_flags_and_largest_values():
+    flags = plan_memory.xla_flags("--xla_force_host_platform_device_count=8 --foo=1", 16)
+    assert flags.split() == ["--foo=1", "--xla_force_host_platform_device_count=16",
+                             "--xla_cpu_enable_concurrency_optimized_scheduler=false"]
+    default = plan_memory.xla_flags("--xla_cpu_enable_concurrency_optimized_scheduler=false", 8,
+                                    "concurrency")
+    assert default.endswith("--xla_cpu_enable_concurrency_optimized_scheduler=true")
+    hlo = """HloModule m
+
+%fused_computation (p: f32[64,64]) -> f32[64,64] {
+  %big = f32[1024,1024]{1,0} multiply(f32[1024,1024]{1,0} %p, f32[1024,1024]{1,0} %p)
+}
+
+ENTRY %main (p0: f32[8,16]) -> f32[8,16] {
+  %p0 = f32[8,16]{1,0} parameter(0)
+  %f = bf16[4,32,128]{2,1,0} fusion(f32[8,16]{1,0} %p0), kind=kLoop, metadata={op_name="a/b"}
+  %g = bf16[4,32,128]{2,1,0} fusion(f32[8,16]{1,0} %p0), kind=kLoop, metadata={op_name="a/b"}
+  ROOT %d = f32[8,16]{1,0} dot(f32[8,16]{1,0} %p0, f32[16,16]{1,0} %p0)
+}
+"""
+    (first, second) = plan_memory.largest_values(hlo, 5)
+    assert (first["dtype"], first["shape"], first["count"], first["op_name"]) == (
+        "bf16", (4, 32, 128), 2, "a/b")
+    assert first["bytes"] == 4 * 32 * 128 * 2 and second["opcode"] == "dot"
 
 
 TINY_GRPO = bench_vs_trl.Settings(
