@@ -5,6 +5,7 @@ Each task satisfies `ftjax.rollout.Task`.
 | module | what |
 |---|---|
 | `chain.py` | variable-chain arithmetic; solver traces; ground-truth essential tokens |
+| `branches.py` | K independent chains, one queried (dead-end branches); labels, chain ids, roles |
 | `countdown.py` | Countdown (reach a target with + - * /); its checker; solver traces |
 | `vocab.py` | the character vocabulary of the synthetic tasks |
 | `data.py` | math datasets from local JSONL / JSON / Parquet files, presets, chat templates |
@@ -15,10 +16,15 @@ Each task satisfies `ftjax.rollout.Task`.
 `prompts.py` needs the model loaders; import it as `ftjax.tasks.prompts`.
 """
 
+from ftjax.tasks.branches import BranchesConfig, BranchesTask
 from ftjax.tasks.chain import ChainConfig, ChainTask
 from ftjax.tasks.countdown import CountdownConfig, CountdownTask
 
-TASKS = {"chain": (ChainTask, ChainConfig), "countdown": (CountdownTask, CountdownConfig)}
+TASKS = {
+    "chain": (ChainTask, ChainConfig),
+    "branches": (BranchesTask, BranchesConfig),
+    "countdown": (CountdownTask, CountdownConfig),
+}
 
 
 def make(name: str, cfg=None):
@@ -29,4 +35,13 @@ def make(name: str, cfg=None):
     return task_cls(cfg if cfg is not None else cfg_cls())
 
 
-__all__ = ["TASKS", "ChainConfig", "ChainTask", "CountdownConfig", "CountdownTask", "make"]
+__all__ = [
+    "TASKS",
+    "BranchesConfig",
+    "BranchesTask",
+    "ChainConfig",
+    "ChainTask",
+    "CountdownConfig",
+    "CountdownTask",
+    "make",
+]
