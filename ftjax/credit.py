@@ -29,7 +29,16 @@ _INPUT_FIELDS = (
     "entropy_BxT",
     "tokens_BxT",
     "rng",
+    "labels_BxT",
 )
+# What to do when a declared input is missing, beyond naming it.
+_MISSING_HINTS = {
+    "labels_BxT": (
+        "the task must provide `labels(prompt, response)` (ground-truth essential tokens) and "
+        "the batch must carry them (train.Batch.labels_BxT; the RL loop fills it for a variant "
+        "that declares it)"
+    ),
+}
 
 
 @jax.tree_util.register_dataclass
@@ -41,6 +50,7 @@ class CreditInputs:
     answer (the answer span inside the response, FlowTracer's sink); non-padding is
     prompt | response.
     attn_BxTxT[b, k, i]: captured attention query k pays key i (mean over captured heads/layers).
+    labels_BxT: the task's ground-truth essential tokens (bool), for the `oracle` upper bound.
     """
 
     prompt_mask_BxT: jax.Array
@@ -51,6 +61,7 @@ class CreditInputs:
     entropy_BxT: jax.Array | None = None
     tokens_BxT: jax.Array | None = None
     rng: jax.Array | None = None
+    labels_BxT: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +71,7 @@ class CreditConfig:
     top_fraction: share of each response's tokens that get `gamma` (top-40% in the paper).
     gamma: the weight of selected tokens (1.5 in the paper); others get 1.
     select_fraction: share of the batch's response tokens kept by `entropy_select` (80/20 rule).
-    attention_window: how many later queries `attention_received` sums over (None: all).
+    attention_window: how many later queries the attention baselines read (None: all).
     block_size: FlowTracer's triangular-solve block (speed only; results do not depend on it).
     """
 
@@ -168,15 +179,18 @@ def compute(inputs: CreditInputs, cfg: CreditConfig) -> jax.Array:
     """gamma_BxT of the configured variant: float32, 0 outside the response."""
     variant = get(cfg.name)
     shape = jnp.shape(inputs.response_mask_BxT)
-    for field in ("prompt_mask_BxT", "answer_mask_BxT"):
-        if jnp.shape(getattr(inputs, field)) != shape:
+    for field in ("prompt_mask_BxT", "answer_mask_BxT", "labels_BxT"):
+        value = getattr(inputs, field)
+        if value is not None and jnp.shape(value) != shape:
             raise ValueError(
-                f"CreditInputs.{field} has shape {jnp.shape(getattr(inputs, field))}, "
-                f"response_mask_BxT has {shape}"
+                f"CreditInputs.{field} has shape {jnp.shape(value)}, response_mask_BxT has {shape}"
             )
     missing = sorted(f for f in variant.needs if getattr(inputs, f) is None)
     if missing:
-        raise ValueError(f"credit variant {cfg.name!r} needs CreditInputs.{', '.join(missing)}")
+        hints = "".join(f": {_MISSING_HINTS[f]}" for f in missing if f in _MISSING_HINTS)
+        raise ValueError(
+            f"credit variant {cfg.name!r} needs CreditInputs.{', '.join(missing)}{hints}"
+        )
     gamma_BxT = variant.fn(inputs, cfg)
     if jnp.shape(gamma_BxT) != shape:
         raise ValueError(
@@ -306,17 +320,55 @@ def entropy_select(inputs: CreditInputs, cfg: CreditConfig) -> jax.Array:
     return selected_1xBT.reshape(B, T).astype(jnp.float32)
 
 
+def _later_valid_queries_BxTxT(inputs: CreditInputs, window: int | None) -> jax.Array:
+    """[b, k, i]: query k is valid and comes 1..window tokens after key i (window None: any
+    later query). The point-wise attention baselines read attention over exactly these pairs."""
+    T = inputs.response_mask_BxT.shape[-1]
+    valid_BxT = inputs.prompt_mask_BxT | inputs.response_mask_BxT
+    lag_TxT = jnp.arange(T)[:, None] - jnp.arange(T)[None, :]  # query k minus key i
+    later_TxT = (lag_TxT >= 1) & (lag_TxT <= (T if window is None else window))
+    return later_TxT & valid_BxT[:, :, None]
+
+
+def _top_by(score_BxT, inputs: CreditInputs, cfg: CreditConfig) -> jax.Array:
+    response_BxT = inputs.response_mask_BxT
+    selected_BxT = top_fraction_mask(score_BxT, response_BxT, cfg.top_fraction)
+    return _weights(selected_BxT, response_BxT, cfg.gamma)
+
+
 @register("attention_received", needs=("attn_BxTxT",))
 def attention_received(inputs: CreditInputs, cfg: CreditConfig) -> jax.Array:
     """Point-wise attention credit: top-`top_fraction` by attention received from later valid
     queries (within `attention_window` of the key when set) get gamma."""
-    attn_BxTxT = inputs.attn_BxTxT
+    later_BxTxT = _later_valid_queries_BxTxT(inputs, cfg.attention_window)
+    received_BxT = jnp.sum(jnp.where(later_BxTxT, inputs.attn_BxTxT, 0.0), axis=1)
+    return _top_by(received_BxT, inputs, cfg)
+
+
+@register("attention_received_mean", needs=("attn_BxTxT",))
+def attention_received_mean(inputs: CreditInputs, cfg: CreditConfig) -> jax.Array:
+    """`attention_received` divided by the number of later valid queries it sums over (0 with
+    none): the mean attention a token gets from the queries that can see it. The raw sum grows
+    with the number of later tokens, so it favours early tokens; the mean does not."""
+    later_BxTxT = _later_valid_queries_BxTxT(inputs, cfg.attention_window)
+    received_BxT = jnp.sum(jnp.where(later_BxTxT, inputs.attn_BxTxT, 0.0), axis=1)
+    count_BxT = jnp.sum(later_BxTxT, axis=1)
+    return _top_by(received_BxT / jnp.maximum(count_BxT, 1), inputs, cfg)
+
+
+@register("attention_max", needs=("attn_BxTxT",))
+def attention_max(inputs: CreditInputs, cfg: CreditConfig) -> jax.Array:
+    """Top-`top_fraction` by the largest attention any later valid query (within
+    `attention_window`) pays the token get gamma; a token no such query sees scores 0."""
+    later_BxTxT = _later_valid_queries_BxTxT(inputs, cfg.attention_window)
+    largest_BxT = jnp.max(jnp.where(later_BxTxT, inputs.attn_BxTxT, -jnp.inf), axis=1)
+    return _top_by(jnp.where(jnp.any(later_BxTxT, axis=1), largest_BxT, 0.0), inputs, cfg)
+
+
+@register("oracle", needs=("labels_BxT",))
+def oracle(inputs: CreditInputs, cfg: CreditConfig) -> jax.Array:
+    """Upper bound: every response token the task labels essential gets gamma, all others 1 (no
+    top fraction; a response with no labelled token gets 1 everywhere)."""
     response_BxT = inputs.response_mask_BxT
-    T = response_BxT.shape[-1]
-    valid_BxT = inputs.prompt_mask_BxT | response_BxT
-    lag_TxT = jnp.arange(T)[:, None] - jnp.arange(T)[None, :]  # query k minus key i
-    window = T if cfg.attention_window is None else cfg.attention_window
-    later_TxT = (lag_TxT >= 1) & (lag_TxT <= window)
-    received_BxT = jnp.sum(jnp.where(later_TxT & valid_BxT[:, :, None], attn_BxTxT, 0.0), axis=1)
-    selected_BxT = top_fraction_mask(received_BxT, response_BxT, cfg.top_fraction)
-    return _weights(selected_BxT, response_BxT, cfg.gamma)
+    labelled_BxT = jnp.asarray(inputs.labels_BxT).astype(bool) & response_BxT
+    return _weights(labelled_BxT, response_BxT, cfg.gamma)

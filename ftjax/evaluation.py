@@ -143,6 +143,64 @@ def precision(score_BxT, essential_BxT, answer_BxT, response_BxT, fraction: floa
     return essential / selected if selected else math.nan
 
 
+AUC_SPLITS = ("essential_first", "essential_later")
+
+
+def pairwise_auc(score_BxT, essential_BxT, eligible_BxT, role_BxT=None) -> dict[str, float]:
+    """Position-controlled precision: over pairs (essential token i, non-essential token j) of
+    the same response and the same role (`role_BxT`, ints from the task; None: one role), both
+    eligible, the probability that score_i > score_j (a tie counts 1/2), pooled over all pairs.
+
+    Reported overall ("auc") and split by which token of the pair comes first ("essential_first",
+    "essential_later"), each with its pair count ("pairs", "<split>_pairs"); NaN without pairs. A
+    score that merely prefers early tokens gets 1 on essential_first pairs and 0 on
+    essential_later ones (`position_score_BxT`), so a credit's AUC means something only beside
+    that baseline's and within each split. The caller leaves the answer span out of `eligible`.
+    Cost: (essential x non-essential) comparisons per response and role."""
+    score_BxT = np.asarray(score_BxT, np.float64)
+    if score_BxT.ndim != 2:
+        raise ValueError(f"score_BxT must be B x T, got shape {score_BxT.shape}")
+    role_BxT = np.zeros(score_BxT.shape, np.int64) if role_BxT is None else np.asarray(role_BxT)
+    named = {"essential_BxT": essential_BxT, "eligible_BxT": eligible_BxT, "role_BxT": role_BxT}
+    for name, value in named.items():
+        if np.shape(value) != score_BxT.shape:
+            raise ValueError(f"{name} has shape {np.shape(value)}, score_BxT has {score_BxT.shape}")
+    essential_BxT = np.asarray(essential_BxT, bool)
+    eligible_BxT = np.asarray(eligible_BxT, bool)
+    if np.isnan(score_BxT[eligible_BxT]).any():
+        raise ValueError("score_BxT is NaN on an eligible token")
+    wins = dict.fromkeys(AUC_SPLITS, 0.0)
+    pairs = dict.fromkeys(AUC_SPLITS, 0)
+    for score_T, essential_T, eligible_T, role_T in zip(
+        score_BxT, essential_BxT, eligible_BxT, role_BxT, strict=True
+    ):
+        for role in np.unique(role_T[eligible_T]):
+            group_T = eligible_T & (role_T == role)
+            at_e = np.flatnonzero(group_T & essential_T)
+            at_n = np.flatnonzero(group_T & ~essential_T)
+            essential_Ex1, other_1xN = score_T[at_e][:, None], score_T[at_n][None, :]
+            won_ExN = (essential_Ex1 > other_1xN) + 0.5 * (essential_Ex1 == other_1xN)
+            first_ExN = at_e[:, None] < at_n[None, :]
+            for split, in_split_ExN in zip(AUC_SPLITS, (first_ExN, ~first_ExN), strict=True):
+                wins[split] += float(won_ExN[in_split_ExN].sum())
+                pairs[split] += int(in_split_ExN.sum())
+    ratio = lambda won, count: won / count if count else math.nan  # noqa: E731
+    out = {"auc": ratio(sum(wins.values()), sum(pairs.values())), "pairs": sum(pairs.values())}
+    for split in AUC_SPLITS:
+        out[split] = ratio(wins[split], pairs[split])
+        out[f"{split}_pairs"] = pairs[split]
+    return out
+
+
+def position_score_BxT(response_BxT) -> np.ndarray:
+    """The position-only baseline for `pairwise_auc`: minus each token's column, so every earlier
+    token outranks every later one (float64 B x T; only the order within a row matters)."""
+    shape = np.shape(response_BxT)
+    if len(shape) != 2:
+        raise ValueError(f"response_BxT must be B x T, got shape {shape}")
+    return np.broadcast_to(-np.arange(shape[1], dtype=np.float64), shape).copy()
+
+
 def task_labels(task, sampled: Sampled) -> np.ndarray:
     """Ground-truth essential labels laid out like the batch (B x T), from `task.labels`."""
     B, T = sampled.batch.tokens_BxT.shape

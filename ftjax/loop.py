@@ -13,7 +13,9 @@ paper's setting) the train step computes old log-probs' ratio, credit and loss i
 more, `train.prepare` first computes the pre-update policy's log-probs and credit once for the whole
 batch; each epoch then walks the minibatches in order, each a contiguous block of whole groups.
 With `kl_coef > 0` the reference policy is a frozen copy of `model`'s parameters as passed in (the
-start of training, also on resume), and its log-probs are computed with the rollout batch.
+start of training, also on resume), and its log-probs are computed with the rollout batch. A
+credit variant that reads ground-truth labels (`oracle`) gets them from `task.labels` for every
+row (`train.needs_labels`); a task without `labels` is refused before any work.
 """
 
 from __future__ import annotations
@@ -112,8 +114,11 @@ class Updates:
         T = cfg.prompt_len + cfg.sampling.max_new_tokens
         several = cfg.epochs * cfg.minibatches > 1
         kl = step_cfg.loss.kl_coef > 0
-        whole = rollout.batch_like(B, T, reference=kl)
-        part = rollout.batch_like(B // cfg.minibatches, T, reference=kl, gamma=several)
+        labels = train.needs_labels(step_cfg)
+        whole = rollout.batch_like(B, T, reference=kl, labels=labels)
+        part = rollout.batch_like(
+            B // cfg.minibatches, T, reference=kl, gamma=several, labels=labels
+        )
         step_fn, state = train.make_train_step(graphdef, state, part, step_cfg, mesh)
         train.check_fits(step_fn, state, part, mesh)
         prepare = minibatch = reference = None
@@ -159,16 +164,20 @@ def _nonfinite_cause(metrics: dict[str, float]) -> str:
     return "cause not logged"
 
 
-def _collect(policy, task: rollout.Task, rows: rollout.ProcessRows, step: int, cfg, mesh, key):
+def _collect(
+    policy, task: rollout.Task, rows: rollout.ProcessRows, step: int, cfg, mesh, key, labels
+):
     """(the step's global rollout batch, its mean response length): this process pads and scores
-    its own rows; sampling runs on the global mesh."""
+    (and labels, with `labels`) its own rows; sampling runs on the global mesh."""
     row_prompts = rows.prompts(task, step * cfg.prompts_per_step)
     prompt_RxL, valid_RxL = rollout.left_pad(row_prompts, cfg.prompt_len, cfg.sampling.pad_id)
     generated = sampling.generate(
         policy, *sharding.global_batch((prompt_RxL, valid_RxL), mesh), key, cfg.sampling
     )
     mine = jax.tree.map(lambda x: multihost.host_rows(x, mesh), generated)
-    local = rollout.rollout_batch(task, row_prompts, mine, prompt_RxL, valid_RxL, group_size=1)
+    local = rollout.rollout_batch(
+        task, row_prompts, mine, prompt_RxL, valid_RxL, group_size=1, labels=labels
+    )
     B = generated.lengths_B.shape[0]
     return sharding.global_batch(local, mesh), int(jnp.sum(generated.lengths_B)) / B
 
@@ -214,6 +223,8 @@ def run(
 
 
 def _run(model, task, step_cfg, cfg: LoopConfig, run_dir, evaluation, config, allow):
+    if train.needs_labels(step_cfg):
+        rollout.check_labels(task, f"credit variant {step_cfg.credit.name!r}")
     current = identity(model, task, step_cfg, cfg, config)
     checkpoints = Checkpointer(run_dir / "checkpoints", keep=cfg.keep_checkpoints)
     try:
@@ -266,7 +277,9 @@ def _train(task, step_cfg, cfg, run_dir, evaluation, checkpoints, placed: _Place
             started = time.perf_counter()
             policy = nnx.merge(graphdef, state.params)
             key = jax.random.fold_in(sample_key, step)
-            batch, response_length = _collect(policy, task, rows, step, cfg, mesh, key)
+            batch, response_length = _collect(
+                policy, task, rows, step, cfg, mesh, key, train.needs_labels(step_cfg)
+            )
             if updates.reference is not None:
                 batch = dataclasses.replace(batch, ref_log_probs_BxT=updates.reference(batch))
             rolled = time.perf_counter()

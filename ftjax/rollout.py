@@ -32,6 +32,32 @@ class Task(Protocol):
     def score(self, prompt: list[int], response: list[int]) -> tuple[float, list[bool]]:
         """Reward of `response` and its answer span (a mask over the response tokens)."""
 
+    # Optional: `labels(prompt, response) -> list[bool] | None`, the response tokens that are
+    # essential (ground truth; None: not known). Evaluation and the `oracle` credit read it.
+
+
+def check_labels(task: Task, reader: str) -> None:
+    """Refuse, before any work, labels asked for (by `reader`) of a task without `labels`."""
+    if not callable(getattr(task, "labels", None)):
+        raise ValueError(
+            f"{reader} reads ground-truth labels, but task {type(task).__name__} has no "
+            "`labels(prompt, response)` method"
+        )
+
+
+def _labels(task: Task, prompt, response) -> list[bool]:
+    labels = task.labels(prompt, response)
+    if labels is None:
+        raise ValueError(
+            f"task {type(task).__name__} has no ground-truth labels (its `labels` returned None)"
+        )
+    if len(labels) != len(response):
+        raise ValueError(
+            f"task {type(task).__name__} labels have {len(labels)} entries for a response of "
+            f"{len(response)} tokens"
+        )
+    return labels
+
 
 def sampling_config(
     task: Task, max_new_tokens: int, temperature: float, top_p: float = 1.0
@@ -63,15 +89,25 @@ def left_pad(prompts: list[list[int]], slots: int, pad_id: int) -> tuple[np.ndar
 
 
 def rollout_batch(
-    task: Task, prompts, rollout: sampling.Rollout, prompt_BxL, prompt_valid_BxL, group_size: int
+    task: Task,
+    prompts,
+    rollout: sampling.Rollout,
+    prompt_BxL,
+    prompt_valid_BxL,
+    group_size: int,
+    labels: bool = False,
 ) -> train.Batch:
     """Rewards, answer spans and masks for one rollout, laid out as prompt slots + response.
-    Row b answers prompts[b // group_size]."""
+    Row b answers prompts[b // group_size]. With `labels`, also the task's ground-truth
+    essential tokens (`task.labels`) in `labels_BxT`."""
+    if labels:
+        check_labels(task, "rollout_batch(labels=True)")
     tokens_BxN = np.asarray(rollout.tokens_BxN)
     lengths_B = np.asarray(rollout.lengths_B)
     B, N = tokens_BxN.shape
     response_BxN = np.arange(N)[None, :] < lengths_B[:, None]
     answer_BxN = np.zeros((B, N), bool)
+    labels_BxN = np.zeros((B, N), bool)
     rewards_B = np.zeros(B, np.float32)
     for b in range(B):
         response = tokens_BxN[b, : lengths_B[b]].tolist()
@@ -82,6 +118,8 @@ def rollout_batch(
             )
         rewards_B[b] = reward
         answer_BxN[b, : len(span)] = span
+        if labels:
+            labels_BxN[b, : len(response)] = _labels(task, prompts[b // group_size], response)
     pad = np.zeros_like(prompt_valid_BxL)
     return train.Batch(
         tokens_BxT=jnp.asarray(np.concatenate([prompt_BxL, tokens_BxN], axis=1)),
@@ -96,15 +134,16 @@ def rollout_batch(
                 [np.zeros(prompt_BxL.shape, np.float32), np.asarray(rollout.log_probs_BxN)], 1
             )
         ),
+        labels_BxT=jnp.asarray(np.concatenate([pad, labels_BxN], axis=1)) if labels else None,
     )
 
 
 def batch_like(
-    batch_size: int, tokens: int, reference: bool = False, gamma: bool = False
+    batch_size: int, tokens: int, reference: bool = False, gamma: bool = False, labels: bool = False
 ) -> train.Batch:
-    """Shapes and dtypes of a rollout batch (with reference log-probs and precomputed gamma when
-    asked): the train step is placed on the mesh (and the state with it) before the first rollout,
-    which samples from the placed parameters."""
+    """Shapes and dtypes of a rollout batch (with reference log-probs, precomputed gamma and
+    ground-truth labels when asked): the train step is placed on the mesh (and the state with
+    it) before the first rollout, which samples from the placed parameters."""
     mask = jax.ShapeDtypeStruct((batch_size, tokens), jnp.bool_)
     per_token = jax.ShapeDtypeStruct((batch_size, tokens), jnp.float32)
     return train.Batch(
@@ -116,6 +155,7 @@ def batch_like(
         old_log_probs_BxT=per_token,
         ref_log_probs_BxT=per_token if reference else None,
         gamma_BxT=per_token if gamma else None,
+        labels_BxT=mask if labels else None,
     )
 
 

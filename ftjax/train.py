@@ -113,7 +113,9 @@ class TrainState:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Batch:
-    """One rollout batch. log-probs are per token, log p(token_t | tokens_<t), 0 off-response."""
+    """One rollout batch. log-probs are per token, log p(token_t | tokens_<t), 0 off-response.
+    labels_BxT: the task's ground-truth essential tokens, present only for a credit variant that
+    declares "labels_BxT" (`needs_labels`)."""
 
     tokens_BxT: jax.Array
     prompt_mask_BxT: jax.Array
@@ -123,6 +125,13 @@ class Batch:
     old_log_probs_BxT: jax.Array
     ref_log_probs_BxT: jax.Array | None = None
     gamma_BxT: jax.Array | None = None
+    labels_BxT: jax.Array | None = None
+
+
+def needs_labels(cfg: StepConfig) -> bool:
+    """Whether the configured credit variant reads the task's labels (the rollout must fill
+    `Batch.labels_BxT`)."""
+    return "labels_BxT" in credit_lib.get(cfg.credit.name).needs
 
 
 def optimizer(
@@ -235,6 +244,7 @@ def credit_inputs(
         entropy_BxT=frozen(entropy_BxT),
         tokens_BxT=batch.tokens_BxT,
         rng=rng,
+        labels_BxT=batch.labels_BxT,
     )
 
 
@@ -253,8 +263,20 @@ def _batch_shards(mesh: jax.sharding.Mesh | None) -> int:
     return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def _check_labels(cfg: StepConfig, batch: Batch) -> None:
+    """A credit variant that reads labels needs them in the batch (unless gamma is given)."""
+    if needs_labels(cfg) and batch.labels_BxT is None and batch.gamma_BxT is None:
+        raise ValueError(
+            f"credit variant {cfg.credit.name!r} reads ground-truth labels, but the batch has "
+            "no labels_BxT: the task must provide `labels(prompt, response)` and the rollout "
+            "must fill them (`rollout.rollout_batch(..., labels=True)`; the RL loop does so)"
+        )
+
+
 def _check_credit_passes(cfg: StepConfig, batch: Batch, n: int) -> None:
-    """A batch-level credit variant needs the whole batch in one pass, or gamma given."""
+    """A batch-level credit variant needs the whole batch in one pass, or gamma given; a variant
+    that reads labels needs them."""
+    _check_labels(cfg, batch)
     variant = credit_lib.get(cfg.credit.name)
     fused = batch.gamma_BxT is None and cfg.credit_pass == "fused"
     if n > 1 and fused and not variant.per_sequence:
@@ -418,6 +440,7 @@ def forward_credit(
     """(log-probs, entropies, gamma) of every token from a gradient-free forward pass, in
     `cfg.micro_batch` passes; a batch-level credit variant is computed after the passes from
     their log-probs and entropies (so it may not read attention with micro-batches)."""
+    _check_labels(cfg, dataclasses.replace(batch, gamma_BxT=None))
     model = policy_model(graphdef, params, cfg)
     spec = cfg.capture if "attn_BxTxT" in credit_lib.get(cfg.credit.name).needs else NONE
     shards = _batch_shards(mesh)

@@ -83,6 +83,43 @@ def attention_received(attn_TxT, valid_T, window: int | None) -> np.ndarray:
     return score
 
 
+def attention_received_mean(attn_TxT, valid_T, window: int | None) -> np.ndarray:
+    """score(i) = mean of A[k, i] over valid queries k with i < k (<= i + window if set); 0 when
+    there is no such query."""
+    A = np.asarray(attn_TxT, dtype=np.float64)
+    valid = np.asarray(valid_T, dtype=bool)
+    T = valid.shape[0]
+    score = np.zeros(T)
+    for i in range(T):
+        last = T - 1 if window is None else min(T - 1, i + window)
+        seen = [A[k, i] for k in range(i + 1, last + 1) if valid[k]]
+        if seen:
+            score[i] = sum(seen) / len(seen)
+    return score
+
+
+def attention_max(attn_TxT, valid_T, window: int | None) -> np.ndarray:
+    """score(i) = max of A[k, i] over valid queries k with i < k (<= i + window if set); 0 when
+    there is no such query."""
+    A = np.asarray(attn_TxT, dtype=np.float64)
+    valid = np.asarray(valid_T, dtype=bool)
+    T = valid.shape[0]
+    score = np.zeros(T)
+    for i in range(T):
+        last = T - 1 if window is None else min(T - 1, i + window)
+        seen = [A[k, i] for k in range(i + 1, last + 1) if valid[k]]
+        if seen:
+            score[i] = max(seen)
+    return score
+
+
+POINTWISE_ATTENTION = {
+    "attention_received": attention_received,
+    "attention_received_mean": attention_received_mean,
+    "attention_max": attention_max,
+}
+
+
 def top_k(scores_T, response_T, k: int, positive_only: bool = False) -> np.ndarray:
     """Mask of the first k response tokens sorted by (-score, position)."""
     scores = np.asarray(scores_T, dtype=np.float64)
@@ -125,6 +162,7 @@ def credit(
     attn_BxTxT=None,
     entropy_BxT=None,
     random_BxT=None,
+    labels_BxT=None,
     top_fraction: float = 0.4,
     gamma: float = 1.5,
     select_fraction: float = 0.2,
@@ -132,7 +170,8 @@ def credit(
 ) -> np.ndarray:
     """Reference gamma_BxT (float64) of the built-in credit variant `name`.
 
-    `random_BxT` are the uniform draws the `random` variant ranks by.
+    `random_BxT` are the uniform draws the `random` variant ranks by; `labels_BxT` are the
+    ground-truth essential tokens the `oracle` up-weights.
     """
     prompt = np.asarray(prompt_BxT, dtype=bool)
     response = np.asarray(response_BxT, dtype=bool)
@@ -176,9 +215,47 @@ def credit(
         elif name == "entropy":
             scores = np.asarray(entropy_BxT, dtype=np.float64)[b]
             out[b] = _weights(top_k(scores, resp, k), resp, gamma)
-        elif name == "attention_received":
-            scores = attention_received(attn_BxTxT[b], valid[b], attention_window)
+        elif name in POINTWISE_ATTENTION:
+            scores = POINTWISE_ATTENTION[name](attn_BxTxT[b], valid[b], attention_window)
             out[b] = _weights(top_k(scores, resp, k), resp, gamma)
+        elif name == "oracle":
+            labels = np.asarray(labels_BxT, dtype=bool)[b]
+            for t in range(T):
+                if resp[t]:
+                    out[b, t] = gamma if labels[t] else 1.0
         else:
             raise ValueError(f"no reference for credit variant {name!r}")
+    return out
+
+
+def pairwise_auc(score_BxT, essential_BxT, eligible_BxT, role_BxT) -> dict[str, float]:
+    """Position-controlled AUC by a double loop over the token pairs of every response: for each
+    (essential i, non-essential j), both eligible and of the same role, 1 if score_i > score_j,
+    1/2 on a tie, 0 otherwise; averaged overall and over the pairs where i < j ("essential_first")
+    and i > j ("essential_later"); NaN without pairs."""
+    score = np.asarray(score_BxT, dtype=np.float64)
+    B, T = score.shape
+    totals = {"auc": [0.0, 0], "essential_first": [0.0, 0], "essential_later": [0.0, 0]}
+    for b in range(B):
+        for i in range(T):
+            for j in range(T):
+                if not (eligible_BxT[b][i] and eligible_BxT[b][j]):
+                    continue
+                if not essential_BxT[b][i] or essential_BxT[b][j]:
+                    continue
+                if role_BxT[b][i] != role_BxT[b][j]:
+                    continue
+                if score[b, i] > score[b, j]:
+                    won = 1.0
+                elif score[b, i] == score[b, j]:
+                    won = 0.5
+                else:
+                    won = 0.0
+                for key in ("auc", "essential_first" if i < j else "essential_later"):
+                    totals[key][0] += won
+                    totals[key][1] += 1
+    out = {}
+    for key, (won, count) in totals.items():
+        out[key] = won / count if count else math.nan
+        out["pairs" if key == "auc" else f"{key}_pairs"] = count
     return out

@@ -34,6 +34,9 @@ BUILTIN_NEEDS = {
     "flowtracer_soft": frozenset({"attn_BxTxT"}),
     "flowtracer_inverse": frozenset({"attn_BxTxT"}),
     "attention_received": frozenset({"attn_BxTxT"}),
+    "attention_received_mean": frozenset({"attn_BxTxT"}),
+    "attention_max": frozenset({"attn_BxTxT"}),
+    "oracle": frozenset({"labels_BxT"}),
     "random": frozenset({"rng"}),
     "entropy": frozenset({"entropy_BxT"}),
     "entropy_select": frozenset({"entropy_BxT"}),
@@ -47,9 +50,13 @@ PER_ROW = (
     "flowtracer_inverse",
     "entropy",
     "attention_received",
+    "attention_received_mean",
+    "attention_max",
+    "oracle",
 )
-# Hard top-k variants: response tokens get exactly gamma (selected) or 1.
-HARD = ("flowtracer", "flowtracer_inverse", "random", "entropy", "attention_received")
+POINTWISE = ("attention_received", "attention_received_mean", "attention_max")
+# Hard variants: response tokens get exactly gamma (selected) or 1.
+HARD = ("flowtracer", "flowtracer_inverse", "random", "entropy", *POINTWISE, "oracle")
 # (top_fraction, gamma) pairs.
 FRACTION_GAMMA = ((0.2, 1.5), (0.4, 1.5), (0.6, 2.0), (1.0, 0.5))
 ATOL = 1e-5
@@ -70,6 +77,7 @@ class Case:
     answer: np.ndarray  # bool B x T
     attn: np.ndarray  # float32 B x T x T
     entropy: np.ndarray  # float32 B x T
+    labels: np.ndarray  # bool B x T: ground-truth essential tokens, for `oracle`
     seed: int
 
     @property
@@ -87,6 +95,7 @@ class Case:
             entropy_BxT=jnp.asarray(self.entropy),
             tokens_BxT=jnp.arange(B * T, dtype=jnp.int32).reshape(B, T) % 7,
             rng=jax.random.key(self.seed),
+            labels_BxT=jnp.asarray(self.labels),
         )
         fields.update(overrides)
         return CreditInputs(**fields)
@@ -103,6 +112,7 @@ class Case:
             attn_BxTxT=self.attn,
             entropy_BxT=self.entropy,
             random_BxT=draws,
+            labels_BxT=self.labels,
             top_fraction=cfg.top_fraction,
             gamma=cfg.gamma,
             select_fraction=cfg.select_fraction,
@@ -111,7 +121,8 @@ class Case:
 
     def padded(self, T: int) -> Case:
         """The same rows with T - self.T padding tokens appended (attention 0 there; entropy
-        high there so that a variant that forgets the response mask picks padding)."""
+        high and labels on there, so that a variant that forgets the response mask picks
+        padding)."""
         B, T0 = self.response.shape
         extra = T - T0
 
@@ -125,6 +136,7 @@ class Case:
             pad(self.answer),
             pad(self.attn),
             pad(self.entropy, 5.0),
+            pad(self.labels, True),
             self.seed,
         )
 
@@ -244,8 +256,9 @@ def _row_separated(prompt, response, answer, A, entropy) -> bool:
     if answer.any() and not _separated(ref.flow_tau(A, prompt, answer, valid), response):
         return False
     for window in (None, 1, 3):
-        if not _separated(ref.attention_received(A, valid, window), response):
-            return False
+        for score in (ref.attention_received, ref.attention_received_mean):  # max is exact
+            if not _separated(score(A, valid, window), response):
+                return False
     return _separated(entropy.astype(np.float64), response)
 
 
@@ -274,7 +287,11 @@ def make_case(seed: int, T: int, kinds: tuple[str, ...], tied_entropy: bool = Fa
             raise RuntimeError(f"could not draw a well separated row of kind {kind}")
         rows.append((prompt, response, answer, A.astype(np.float32), entropy))
     prompt, response, answer, attn, entropy = (np.stack(x) for x in zip(*rows, strict=True))
-    return Case(prompt, response, answer, attn, entropy, seed)
+    # Labels from their own stream (the rows above do not move), on prompt and padding slots
+    # too (they must be ignored); the first row has none on its response (weight 1 everywhere).
+    labels = np.random.default_rng(seed + 1000).random(response.shape) < 0.35
+    labels[0] &= ~response[0]
+    return Case(prompt, response, answer, attn, entropy, labels, seed)
 
 
 # name: (native T, row kinds, every entropy tied). Every case is also run right-padded to
@@ -382,6 +399,54 @@ def test_reference_chain_ties():
         assert set(tau) <= {0.0, 2.0} and (tau == 2.0).sum() >= 4
 
 
+def test_reference_pointwise_attention_by_hand():
+    """Key 0 is seen by queries 1, 2, 3 (0.5, 0.2, 0.3), key 1 by 2, 3 (0.8, 0.1), key 2 by 3
+    (0.6), key 3 by none; query 2 is padding."""
+    A = np.zeros((4, 4))
+    A[1, 0] = 0.5
+    A[2, 0], A[2, 1] = 0.2, 0.8
+    A[3, 0], A[3, 1], A[3, 2] = 0.3, 0.1, 0.6
+    valid = [True, True, False, True]
+    np.testing.assert_allclose(ref.attention_received(A, valid, None), [0.8, 0.1, 0.6, 0])
+    np.testing.assert_allclose(ref.attention_received_mean(A, valid, None), [0.4, 0.1, 0.6, 0])
+    np.testing.assert_allclose(ref.attention_max(A, valid, None), [0.5, 0.1, 0.6, 0])
+    np.testing.assert_allclose(ref.attention_received_mean(A, valid, 1), [0.5, 0, 0.6, 0])
+    np.testing.assert_allclose(ref.attention_max(A, valid, 2), [0.5, 0.1, 0.6, 0])
+
+
+def test_mean_attention_is_not_biased_to_early_tokens():
+    """Every later query pays every key 0.1, and key 6 twice that: the sum still ranks the early
+    tokens first (they have more later queries), the mean and the max rank key 6 first."""
+    T = 10
+    A = np.tril(np.full((T, T), 0.1), -1)
+    A[7:, 6] = 0.2
+    prompt, response = np.zeros((1, T), bool), np.ones((1, T), bool)
+    prompt[0, 0], response[0, 0] = True, False
+    inputs = CreditInputs(
+        prompt_mask_BxT=jnp.asarray(prompt),
+        response_mask_BxT=jnp.asarray(response),
+        answer_mask_BxT=jnp.zeros((1, T), bool),
+        attn_BxTxT=jnp.asarray(A[None], jnp.float32),
+    )
+    top1 = lambda name: np.flatnonzero(  # noqa: E731
+        np.asarray(compute(inputs, _cfg(name, top_fraction=0.1, gamma=2.0)))[0] == 2.0
+    )
+    np.testing.assert_array_equal(top1("attention_received"), [1])
+    np.testing.assert_array_equal(top1("attention_received_mean"), [6])
+    np.testing.assert_array_equal(top1("attention_max"), [6])
+
+
+def test_oracle_up_weights_exactly_the_labelled_response_tokens():
+    c = native_case("mixed")
+    for labels, want in (
+        (np.zeros_like(c.labels), np.where(c.response, 1.0, 0.0)),
+        (np.ones_like(c.labels), np.where(c.response, 2.0, 0.0)),
+        (c.labels, np.where(c.response, np.where(c.labels, 2.0, 1.0), 0.0)),
+    ):
+        got = compute(c.inputs(labels_BxT=jnp.asarray(labels)), _cfg("oracle", gamma=2.0))
+        _check(got, want)
+
+
 # ---------------------------------------------------------------------------------------------
 # selection_count
 # ---------------------------------------------------------------------------------------------
@@ -427,9 +492,10 @@ def test_matches_reference(case_name, variant, top_fraction, gamma):
 
 
 @pytest.mark.parametrize("window", [None, 1, 3, 100])
+@pytest.mark.parametrize("variant", POINTWISE)
 @pytest.mark.parametrize("case_name", sorted(CASE_SPECS))
-def test_attention_received_window(case_name, window):
-    cfg = _cfg("attention_received", top_fraction=0.4, attention_window=window)
+def test_pointwise_attention_window(case_name, variant, window):
+    cfg = _cfg(variant, top_fraction=0.4, attention_window=window)
     _check(gamma_of(case_name, cfg), case(case_name).reference(cfg))
 
 
@@ -455,9 +521,7 @@ def test_flowtracer_hand_graph():
         np.testing.assert_array_equal(bottom[b][resp], [2.0, 2.0, 1.0])
 
 
-@pytest.mark.parametrize(
-    "variant", ["flowtracer", "flowtracer_inverse", "flowtracer_soft", "attention_received"]
-)
+@pytest.mark.parametrize("variant", [*ref.FLOW_VARIANTS, *POINTWISE])
 def test_attention_outside_causal_valid_region_is_ignored(variant):
     """Garbage in padding rows/columns, on the diagonal and above it must not matter."""
     c = case("mixed")
@@ -533,6 +597,8 @@ def test_selected_count(variant, top_fraction, gamma):
                 want = min(k, int((tau[resp] > 0).sum())) if has_sink else 0
             elif variant == "flowtracer_inverse":
                 want = k if has_sink else 0
+            elif variant == "oracle":
+                want = int((c.labels[b] & resp).sum())
             else:
                 want = k
             assert n_sel == want, (name, b, n_sel, want)
@@ -546,6 +612,9 @@ EAGER_CASE = {
     "flowtracer_inverse": "odd",
     "flowtracer_soft": "odd",
     "attention_received": "ties",
+    "attention_received_mean": "ties",
+    "attention_max": "mixed",
+    "oracle": "short",
     "random": "odd",
     "entropy": "mixed",
     "entropy_select": "ties",
@@ -561,7 +630,7 @@ def test_jit_matches_eager(variant):
     """
     name = EAGER_CASE[variant]
     c = native_case(name)
-    window = 3 if variant == "attention_received" else None  # others: reuse compiled configs
+    window = 3 if variant in POINTWISE else None  # others: reuse compiled configs
     cfg = _cfg(variant, top_fraction=0.6, gamma=2.0, attention_window=window)
     eager = np.asarray(compute(c.inputs(), cfg))
     _check(eager, c.reference(cfg))
@@ -739,6 +808,17 @@ def test_missing_input_raises(variant):
     (field,) = BUILTIN_NEEDS[variant]
     with pytest.raises(ValueError, match=field):
         compute(native_case("short").inputs(**{field: None}), _cfg(variant))
+
+
+def test_oracle_without_labels_says_the_task_must_provide_them():
+    with pytest.raises(ValueError, match=r"'oracle' needs CreditInputs.labels_BxT.*task must"):
+        compute(native_case("short").inputs(labels_BxT=None), _cfg("oracle"))
+
+
+def test_labels_of_another_shape_raise():
+    c = native_case("short")
+    with pytest.raises(ValueError, match="labels_BxT has shape"):
+        compute(c.inputs(labels_BxT=jnp.asarray(c.labels[:, :-1])), _cfg("oracle"))
 
 
 def test_uniform_needs_only_masks():

@@ -14,6 +14,7 @@ from flax import nnx
 from ftjax import credit, loop, rl, rollout, rundir, sampling, sharding, train
 from ftjax.logging import read_jsonl
 from ftjax.models import config, transformer
+from ftjax.tasks.chain import ChainConfig, ChainTask
 
 
 class EchoTask:
@@ -389,3 +390,135 @@ def test_a_step_that_cannot_fit_is_refused_before_the_first_rollout(tmp_path, mo
     with pytest.raises(ValueError, match=r"plans .* GiB per device, over the device's 0.00 GiB"):
         loop.run(fresh_model(), EchoTask(), STEP, loop_cfg(1), tmp_path)
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------- oracle: task labels
+
+ORACLE_STEP = dataclasses.replace(STEP, credit=credit.CreditConfig(name="oracle", gamma=2.0))
+
+
+class LabelSpyChain(ChainTask):
+    """The chain task, recording (response length, labelled tokens) of every `labels` call. An
+    untrained policy writes no well-formed statement, so every chain label would be False: every
+    third response token is labelled too, so that the shares tell the rows apart."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.seen = []
+
+    def labels(self, prompt, response):
+        chain = super().labels(prompt, response)
+        labels = [on or i % 3 == 0 for i, on in enumerate(chain)]
+        self.seen.append((len(response), sum(labels)))
+        return labels
+
+
+def chain_batch(task, rows: int, labels: bool) -> tuple[train.Batch, int]:
+    """A rollout batch whose responses are the task's solver traces (so labels are not all
+    False), 8 tokens of every response cut off to keep it small; and the prompt slots."""
+    pairs = task.demonstrations(0, rows)
+    prompts = [p for p, _ in pairs]
+    responses = [r[:-8] for _, r in pairs]
+    L, N = max(map(len, prompts)), max(map(len, responses))
+    tokens_BxN = np.zeros((rows, N), np.int32)
+    for b, r in enumerate(responses):
+        tokens_BxN[b, : len(r)] = r
+    generated = sampling.Rollout(
+        tokens_BxN=tokens_BxN,
+        log_probs_BxN=np.zeros((rows, N), np.float32),
+        lengths_B=np.asarray([len(r) for r in responses]),
+        done_B=np.zeros(rows, bool),
+    )
+    prompt_BxL, valid_BxL = rollout.left_pad(prompts, L, task.pad_id)
+    batch = rollout.rollout_batch(
+        task, prompts, generated, prompt_BxL, valid_BxL, group_size=1, labels=labels
+    )
+    return batch, L
+
+
+def test_rollout_labels_and_the_oracle_step():
+    """Labels land at the response's columns; the oracle step up-weights exactly them (on the
+    8-device mesh); without labels the step is refused, naming the variant and `labels`."""
+    task = ChainTask(ChainConfig(chain_length=2, distractors=1))
+    batch, L = chain_batch(task, 8, labels=True)
+    assert chain_batch(task, 8, labels=False)[0].labels_BxT is None
+    labels_BxT = np.asarray(batch.labels_BxT)
+    response_BxT = np.asarray(batch.response_mask_BxT)
+    assert not np.any(labels_BxT & ~response_BxT)
+    for b, (prompt, _) in enumerate(task.demonstrations(0, 8)):
+        n = int(response_BxT[b].sum())
+        response = np.asarray(batch.tokens_BxT)[b, L : L + n].tolist()
+        assert labels_BxT[b, L : L + n].tolist() == task.labels(prompt, response)
+    share = labels_BxT.sum() / response_BxT.sum()
+    assert 0.2 < share < 0.9
+
+    model = transformer.Transformer(config.tiny("llama", vocab_size=52), rngs=nnx.Rngs(0))
+    mesh = sharding.make_mesh(sharding.MeshConfig())
+    graphdef, state = train.init_state(model, ORACLE_STEP, jax.random.PRNGKey(0))
+    step_fn, placed = train.make_train_step(graphdef, state, batch, ORACLE_STEP, mesh)
+    _, metrics = step_fn(placed, batch)
+    assert float(metrics["credit/selected_fraction"]) == pytest.approx(share, rel=1e-6)
+    assert float(metrics["credit/gamma_mean"]) == pytest.approx(1.0 + share, rel=1e-6)
+    unlabelled = dataclasses.replace(batch, labels_BxT=None)
+    with pytest.raises(ValueError, match=r"'oracle' reads ground-truth labels.*task must provide"):
+        train.make_train_step(graphdef, state, unlabelled, ORACLE_STEP, mesh)
+
+
+def test_rollout_labels_from_a_task_without_them_are_refused():
+    class Unlabelled(ChainTask):
+        def labels(self, prompt, response):
+            return None
+
+    class Short(ChainTask):
+        def labels(self, prompt, response):
+            return super().labels(prompt, response)[:-1]
+
+    with pytest.raises(ValueError, match="task EchoTraced has no `labels"):
+        chain_batch(EchoTraced(), 2, labels=True)
+    with pytest.raises(ValueError, match="task Unlabelled has no ground-truth labels"):
+        chain_batch(Unlabelled(), 2, labels=True)
+    with pytest.raises(ValueError, match="task Short labels have"):
+        chain_batch(Short(), 2, labels=True)
+
+
+class EchoTraced(EchoTask):
+    """EchoTask (no `labels`) with made-up traces, for `chain_batch`."""
+
+    pad_id = 0
+
+    def demonstrations(self, start, count):
+        return [(p, [1] * 12) for p in self.prompts(start, count)]
+
+
+def test_oracle_on_a_task_without_labels_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match=r"'oracle' reads .* task EchoTask has no `labels"):
+        loop.run(fresh_model(), EchoTask(), ORACLE_STEP, loop_cfg(1), tmp_path)
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_oracle_trains_on_the_chain_tasks_labels(tmp_path):
+    """Two steps of prepared credit over two minibatches (labels ride through the sharded
+    rollout batch, `prepare` and the minibatch slices); each update's selected share is that
+    of the labels the task gave its rows."""
+    task = LabelSpyChain(ChainConfig(chain_length=1, distractors=0))
+    cfg = dataclasses.replace(
+        loop_cfg(2),
+        prompts_per_step=4,
+        minibatches=2,
+        prompt_len=12,
+        sampling=rollout.sampling_config(task, max_new_tokens=8, temperature=1.0),
+    )
+    model = transformer.Transformer(config.tiny("llama", vocab_size=52), rngs=nnx.Rngs(0))
+    history = loop.run(model, task, ORACLE_STEP, cfg, tmp_path).history
+    rows = cfg.prompts_per_step * ORACLE_STEP.group_size
+    assert len(task.seen) == 2 * rows  # every row of every step labelled once
+    for step in (0, 1):
+        seen = task.seen[step * rows : (step + 1) * rows]
+        shares = [
+            sum(k for _, k in part) / sum(n for n, _ in part)
+            for part in (seen[: rows // 2], seen[rows // 2 :])
+        ]
+        assert 0.3 < np.mean(shares) < 0.6
+        got = history[step]["credit/selected_fraction"]
+        assert got == pytest.approx(np.mean(shares), abs=1e-6)
+        assert np.isfinite(history[step]["loss"])
