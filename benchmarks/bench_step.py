@@ -1,9 +1,12 @@
 """Train-step cost of FlowTracer credit: `flowtracer` vs `uniform`, same model, batch and mesh.
 
-The flowtracer step captures attention in the forward pass that also computes the loss (no extra
-pass) and runs the flow trace inside the same jit; goals on CPU: time ratio <= 1.10 at T = 256
-and <= 1.15 at T = 1024. Memory is what XLA plans for one step (temporaries + outputs).
+The fused flowtracer step captures attention in the forward pass that also computes the loss (no
+extra pass) and runs the flow trace inside the same jit; goals on CPU: time ratio <= 1.10 at
+T = 256 and <= 1.15 at T = 1024. `--separate` adds the other way to take the map
+(`StepConfig.credit_pass separate`: a gradient-free forward first, then a training forward with
+no captured layer). Memory is what XLA plans for one step (temporaries + outputs).
 Usage: python -m benchmarks.bench_step [--lengths 256,1024] [--batch 8] [--repeats 5]
+       [--separate] [--remat none|full|dots] [--micro_batch N]
 """
 
 from __future__ import annotations
@@ -34,8 +37,22 @@ def make_batch(batch: int, length: int, vocab: int) -> train.Batch:
     return train.Batch(*(jnp.asarray(x) for x in (tokens, prompt, response, answer, rewards, old)))
 
 
-def measure(credit_name: str, batch: train.Batch, max_len: int, repeats: int):
-    cfg = train.StepConfig(group_size=4, credit=credit.CreditConfig(name=credit_name))
+def measure(
+    credit_name: str,
+    batch: train.Batch,
+    max_len: int,
+    repeats: int,
+    credit_pass: str = "fused",
+    remat: str = "none",
+    micro_batch: int | None = None,
+):
+    cfg = train.StepConfig(
+        group_size=4,
+        credit=credit.CreditConfig(name=credit_name),
+        credit_pass=credit_pass,
+        remat=remat,
+        micro_batch=micro_batch,
+    )
     model = transformer.Transformer(small_llama_config(max_len), rngs=nnx.Rngs(0))
     graphdef, state = train.init_state(model, cfg, jax.random.PRNGKey(0))
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=1), jax.devices()[:1])
@@ -55,20 +72,28 @@ def main() -> None:
     parser.add_argument("--lengths", default="256,1024")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--separate", action="store_true", help="also time credit_pass separate")
+    parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
+    parser.add_argument("--micro_batch", type=int, default=None)
     args = parser.parse_args()
+    knobs = dict(remat=args.remat, micro_batch=args.micro_batch)
     print(environment_line())
-    print(
-        f"{'B':>2} {'T':>5} {'uniform ms':>10} {'flowtracer ms':>13} {'ratio':>6} "
-        f"{'uniform MiB':>11} {'flowtracer MiB':>14}"
-    )
+    print(f"remat {args.remat}, micro_batch {args.micro_batch}")
+    arms = [("uniform", "fused"), ("flowtracer", "fused")]
+    arms += [("flowtracer", "separate")] if args.separate else []
+    names = ["uniform", "fused", "separate"][: len(arms)]
+    header = f"{'B':>2} {'T':>5} " + " ".join(f"{n + ' ms':>11}" for n in names)
+    header += " " + " ".join(f"{n + '/uni':>12}" for n in names[1:])
+    header += " " + " ".join(f"{n + ' MiB':>12}" for n in names)
+    print(header)
     for length in (int(x) for x in args.lengths.split(",")):
         batch = make_batch(args.batch, length, 512)
-        base_ms, base_mb = measure("uniform", batch, length, args.repeats)
-        flow_ms, flow_mb = measure("flowtracer", batch, length, args.repeats)
-        print(
-            f"{args.batch:>2} {length:>5} {base_ms:>10.1f} {flow_ms:>13.1f} "
-            f"{flow_ms / base_ms:>6.2f} {base_mb:>11.1f} {flow_mb:>14.1f}"
-        )
+        results = [measure(c, batch, length, args.repeats, p, **knobs) for c, p in arms]
+        base_ms = results[0][0]
+        row = f"{args.batch:>2} {length:>5} " + " ".join(f"{ms:>11.1f}" for ms, _ in results)
+        row += " " + " ".join(f"{ms / base_ms:>12.2f}" for ms, _ in results[1:])
+        row += " " + " ".join(f"{mb:>12.1f}" for _, mb in results)
+        print(row, flush=True)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ def test_bench_flow_runs():
 def test_bench_capture_and_step_run():
     result = bench_capture.measure(bench_capture.small_model(64), 2, 64, repeats=1)
     assert result["capture_mb"] >= result["plain_mb"] and np.isfinite(result["capture_ms"])
-    step_ms, step_mb = bench_step.measure("flowtracer", bench_step.make_batch(4, 32, 512), 32, 1)
+    step_ms, step_mb = bench_step.measure(
+        "flowtracer", bench_step.make_batch(4, 32, 512), 32, 1, credit_pass="separate"
+    )
     assert step_ms > 0 and step_mb > 0
 
 

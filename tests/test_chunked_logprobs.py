@@ -301,3 +301,34 @@ def test_remat_lowers_planned_memory():
         none, full, dots = (temp[f"{mode}/{remat}"] for remat in REMAT_POLICIES)
         assert full < 0.65 * none, (mode, temp)
         assert full <= dots < 0.8 * none, (mode, temp)
+
+
+def test_captured_chunks_are_recomputed_under_remat():
+    """A captured layer's explicit attention keeps B x H x T x S probabilities for the backward
+    pass, one chunk per loop step; under layer remat (`remat_chunks`) each chunk is recomputed
+    instead. Same output and gradient; the plan drops by at least those probabilities' size."""
+    cfg = tiny("qwen3", num_layers=1, num_heads=8, num_kv_heads=2, head_dim=16,
+               max_position_embeddings=512)
+    attention = Transformer(cfg, rngs=nnx.Rngs(0)).layers[0].self_attn
+    graphdef, params = nnx.split(attention)
+    Bm, Tm = 2, 512
+    x = jax.random.normal(jax.random.PRNGKey(0), (Bm, Tm, cfg.hidden_size))
+    positions = jnp.broadcast_to(jnp.arange(Tm), (Bm, Tm))
+    slots = (positions, jnp.ones((Bm, Tm), bool))
+    into = (jnp.zeros((Bm, Tm, Tm)), jnp.full((Bm, Tm), 0.5))
+
+    def loss(params, x, remat_chunks):
+        out, map_BxTxS, _ = nnx.merge(graphdef, params)(
+            x, positions, slots, capture_into=into, remat_chunks=remat_chunks
+        )
+        return jnp.sum(out**2) + jnp.sum(map_BxTxS**2)
+
+    results, temp = {}, {}
+    for remat_chunks in (False, True):
+        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
+        results[remat_chunks] = fn(params, x, remat_chunks)
+        temp[remat_chunks] = fn.lower(params, x, remat_chunks).compile().memory_analysis()
+    assert_trees_close(results[True], results[False])
+    probs_bytes = Bm * cfg.num_heads * Tm * Tm * 4
+    saved = temp[False].temp_size_in_bytes - temp[True].temp_size_in_bytes
+    assert saved >= probs_bytes, (saved, probs_bytes)

@@ -75,7 +75,9 @@ class Attention(nnx.Module):
         self.qk_norm, self.scale = cfg.qk_norm, cfg.attention_scale
         self.softcap = cfg.attn_logit_softcap
 
-    def __call__(self, x_BxTxE, positions_BxT, slots, past_kv=None, capture_into=None):
+    def __call__(
+        self, x_BxTxE, positions_BxT, slots, past_kv=None, capture_into=None, remat_chunks=False
+    ):
         """Returns (out_BxTxE, map_BxTxS or None, this step's (k_BxTxKxD, v_BxTxKxD)).
 
         slots: (query_slot_BxT, key_valid_BxS): queries sit in slots query_slot_BxT and attend
@@ -83,7 +85,9 @@ class Attention(nnx.Module):
         index), this layer's cache, which gets this step's keys at [index, index + T); None: S = T.
         capture_into: (map_BxTxS, row_weight_BxT): explicit softmax in query chunks, returning
         map_BxTxS plus each row's head-mean probabilities times its weight. None: no map, and
-        `jax.nn.dot_product_attention` unless logits are soft-capped, which it cannot do."""
+        `jax.nn.dot_product_attention` unless logits are soft-capped, which it cannot do.
+        remat_chunks: the explicit path recomputes each query chunk's probabilities in the
+        backward pass instead of keeping B x H x T x S of them (set under layer remat)."""
         B, T, _ = x_BxTxE.shape
         H, K, D = self.heads, self.kv_heads, self.head_dim
         q_BxTxHxD, k_BxTxKxD, v_BxTxKxD = self._project(x_BxTxE, positions_BxT)
@@ -100,7 +104,9 @@ class Attention(nnx.Module):
             map_BxTxS = None
         else:
             q_BxTxKxGxD = q_BxTxHxD.reshape(B, T, K, H // K, D)
-            out, map_BxTxS = self._chunked(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, slots, capture_into)
+            out, map_BxTxS = self._chunked(
+                q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, slots, capture_into, remat_chunks
+            )
         return self.o_proj(out.reshape(B, T, H * D)), map_BxTxS, (k_BxTxKxD, v_BxTxKxD)
 
     def head_probs(self, x_BxTxE, positions_BxT, slots):
@@ -142,7 +148,7 @@ class Attention(nnx.Module):
         out = jnp.einsum("bkgts,bskd->btkgd", probs_BxKxGxTxS.astype(v_BxSxKxD.dtype), v_BxSxKxD)
         return out, probs_BxKxGxTxS
 
-    def _chunked(self, q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, slots, capture_into):
+    def _chunked(self, q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, slots, capture_into, remat_chunks):
         """Explicit attention one query chunk at a time, adding each chunk's weighted head mean to
         map_BxTxS in place: the working set is B x H x C x S, not B x H x T x S.
 
@@ -151,22 +157,30 @@ class Attention(nnx.Module):
         loop's buffer starts as the queries and takes each chunk's output in place of its rows: a
         zero-filled output buffer would be hoisted to the start of the program and held through
         every earlier layer. Each chunk builds its own mask rows, so no T x S mask is kept alive.
-        Without capture_into (a soft-capped layer that is not captured) the map stays None."""
+        Without capture_into (a soft-capped layer that is not captured) the map stays None.
+        With remat_chunks each chunk's attention is under `jax.checkpoint`: the backward pass
+        keeps only the chunk's queries and mask rows (the slices and in-place updates of the loop
+        carry need no residuals) and recomputes its probabilities."""
         query_slot_BxT, key_valid_BxS = slots
         map_BxTxS, row_weight_BxT = (None, None) if capture_into is None else capture_into
+
+        def attend(q_BxCxKxGxD, k_BxSxKxD, v_BxSxKxD, query_slot_BxC):
+            mask_BxCxS = self._mask(query_slot_BxC, key_valid_BxS)
+            out, probs_BxKxGxCxS = self._explicit(q_BxCxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_BxCxS)
+            return out, jax.lax.stop_gradient(jnp.mean(probs_BxKxGxCxS, axis=(1, 2)))
+
+        attend = jax.checkpoint(attend) if remat_chunks else attend
 
         def rows(start, size, carry):
             qo_BxTxKxGxD, map_BxTxS = carry
             q_BxCxKxGxD = jax.lax.dynamic_slice_in_dim(qo_BxTxKxGxD, start, size, axis=1)
             query_slot_BxC = jax.lax.dynamic_slice_in_dim(query_slot_BxT, start, size, axis=1)
-            mask_BxCxS = self._mask(query_slot_BxC, key_valid_BxS)
-            out, probs_BxKxGxCxS = self._explicit(q_BxCxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_BxCxS)
+            out, head_mean_BxCxS = attend(q_BxCxKxGxD, k_BxSxKxD, v_BxSxKxD, query_slot_BxC)
             if map_BxTxS is None:  # not captured (soft-capped logits): the output only
                 return jax.lax.dynamic_update_slice_in_dim(qo_BxTxKxGxD, out, start, axis=1), None
             weight_BxC = jax.lax.dynamic_slice_in_dim(row_weight_BxT, start, size, axis=1)
-            head_mean_BxCxS = jnp.mean(probs_BxKxGxCxS, axis=(1, 2)) * weight_BxC[:, :, None]
             old_BxCxS = jax.lax.dynamic_slice_in_dim(map_BxTxS, start, size, axis=1)
-            new_BxCxS = old_BxCxS + jax.lax.stop_gradient(head_mean_BxCxS)
+            new_BxCxS = old_BxCxS + head_mean_BxCxS * weight_BxC[:, :, None]
             return (
                 jax.lax.dynamic_update_slice_in_dim(qo_BxTxKxGxD, out, start, axis=1),
                 jax.lax.dynamic_update_slice_in_dim(map_BxTxS, new_BxCxS, start, axis=1),

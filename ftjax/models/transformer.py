@@ -123,10 +123,12 @@ class Block(nnx.Module):
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
 
-    def __call__(self, x_BxTxE, positions_BxT, slots, past_kv=None, capture_into=None):
+    def __call__(
+        self, x_BxTxE, positions_BxT, slots, past_kv=None, capture_into=None, remat_chunks=False
+    ):
         """Returns (x_BxTxE, map_BxTxS or None, (k, v)); the arguments are `Attention`'s."""
         h, map_BxTxS, new_kv = self.self_attn(
-            self.input_layernorm(x_BxTxE), positions_BxT, slots, past_kv, capture_into
+            self.input_layernorm(x_BxTxE), positions_BxT, slots, past_kv, capture_into, remat_chunks
         )
         if self.sandwich:
             x_BxTxE = x_BxTxE + self.post_attention_layernorm(h)
@@ -247,11 +249,13 @@ class Transformer(nnx.Module):
 def _rematerialised(block: Block, remat: str):
     """`block`'s call as a pure function of its parameters under `jax.checkpoint` with the named
     policy (an explicit split/merge rather than `nnx.remat`: the block has no state to update).
-    The captured map it returns is already under stop_gradient, so it adds no residual."""
+    The captured map it returns is already under stop_gradient, so it adds no residual; the
+    captured attention also recomputes its query chunks one at a time in the backward pass, so
+    no B x H x T x S probabilities are kept even while the layer itself is recomputed."""
     graphdef, state = nnx.split(block)
 
     def call(state, *args):
-        return nnx.merge(graphdef, state)(*args)
+        return nnx.merge(graphdef, state)(*args, remat_chunks=True)
 
     checkpointed = jax.checkpoint(call, policy=_CHECKPOINT_POLICY[remat])
     return lambda *args: checkpointed(state, *args)
