@@ -47,7 +47,7 @@ def measure(
     micro_batch: int | None = None,
 ):
     cfg = train.StepConfig(
-        group_size=4,
+        group_size=min(4, batch.tokens_BxT.shape[0]),  # groups of 4 (or the batch, if smaller)
         credit=credit.CreditConfig(name=credit_name),
         credit_pass=credit_pass,
         remat=remat,
@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
     parser.add_argument("--micro_batch", type=int, default=None)
     args = parser.parse_args()
+    if args.batch < 2 or (args.batch > 4 and args.batch % 4):
+        parser.error(f"--batch must be 2, 3, 4 or a multiple of 4 (groups of 4), got {args.batch}")
     knobs = dict(remat=args.remat, micro_batch=args.micro_batch)
     print(environment_line())
     print(f"remat {args.remat}, micro_batch {args.micro_batch}")

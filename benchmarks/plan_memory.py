@@ -41,6 +41,7 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--logit_chunk", type=optional_int, default=None)
     parser.add_argument("--credit", default="flowtracer", help="a credit variant, e.g. uniform")
     parser.add_argument("--credit_pass", default="fused", help="fused / separate (no-grad first)")
+    parser.add_argument("--scan_layers", action="store_true", help="alike layers as one scan")
     parser.add_argument("--cpu_scheduler", default="memory", choices=("memory", "concurrency"),
                         help="XLA:CPU scheduler: memory-minimising (default) or XLA's default")
     parser.add_argument("--limit_gib", type=float, default=None, help="exit 1 if the plan is over")
@@ -127,6 +128,7 @@ def step_config(args: argparse.Namespace) -> train.StepConfig:
         logit_chunk=args.logit_chunk,
         compute_dtype=args.dtype,
         credit_pass=args.credit_pass,
+        scan_layers=args.scan_layers,
     )
 
 
@@ -243,7 +245,7 @@ def plan_setting(args: argparse.Namespace) -> tuple[Plan, dict]:
         "model": args.model, "T": tokens, "rollouts": args.rollouts, "mesh": args.mesh,
         "micro_batch": args.micro_batch, "remat": args.remat, "dtype": args.dtype,
         "logit_chunk": args.logit_chunk, "credit": args.credit, "credit_pass": args.credit_pass,
-        "cpu_scheduler": args.cpu_scheduler,
+        "cpu_scheduler": args.cpu_scheduler, "scan_layers": args.scan_layers,
     }
     return plan(graphdef, state, batch, cfg, mesh, args.top), setting
 

@@ -37,6 +37,7 @@ VOLATILE = (
     # resume on a smaller slice with smaller micro-batches (the `random` control credit then
     # draws per pass: another draw of the same distribution)
     "step.micro_batch",
+    "step.scan_layers",
     "step.remat",
     "step.logit_chunk",
     "step.credit_pass",

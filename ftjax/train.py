@@ -75,6 +75,7 @@ class StepConfig:
     logit_chunk: int | None = None  # log-probs this many tokens at a time; None: all at once
     compute_dtype: str = "float32"  # forward/backward dtype; master params, Adam stay float32
     credit_pass: str = "fused"  # credit from the training forward, or a "separate" no-grad one
+    scan_layers: bool = False  # alike layers as one lax.scan: compile time flat in depth
 
     def __post_init__(self):
         for name in ("micro_batch", "logit_chunk"):
@@ -212,17 +213,24 @@ def policy_model(graphdef, params: nnx.State, cfg: StepConfig) -> nnx.Module:
 
 
 def sequence_log_probs(
-    model, batch: Batch, spec: CaptureSpec, remat: str = "none", logit_chunk: int | None = None
+    model,
+    batch: Batch,
+    spec: CaptureSpec,
+    remat: str = "none",
+    logit_chunk: int | None = None,
+    scan_layers: bool = False,
 ):
     """Per-token log-probs and entropies (float32) of the batch's own tokens, and the captured
     map. With `logit_chunk`, no B x T x V logits exist: they are made and dropped that many
-    tokens at a time, and recomputed in the backward pass (`rl.chunked_next_token_log_probs`)."""
+    tokens at a time, and recomputed in the backward pass (`rl.chunked_next_token_log_probs`).
+    `remat` and `scan_layers` are the model's (`Transformer.__call__`)."""
     valid_BxT = batch.prompt_mask_BxT | batch.response_mask_BxT
+    kw = dict(valid_BxT=valid_BxT, capture=spec, remat=remat, scan_layers=scan_layers)
     if logit_chunk is None:
-        out = model(batch.tokens_BxT, valid_BxT=valid_BxT, capture=spec, remat=remat)
+        out = model(batch.tokens_BxT, **kw)
         logp, entropy = rl.next_token_log_probs(out.logits_BxTxV, batch.tokens_BxT)
     else:
-        out = model(batch.tokens_BxT, valid_BxT=valid_BxT, capture=spec, remat=remat, logits=False)
+        out = model(batch.tokens_BxT, logits=False, **kw)
         logp, entropy = rl.chunked_next_token_log_probs(
             out.hidden_BxTxE, batch.tokens_BxT, model.unembed, logit_chunk
         )
@@ -347,7 +355,7 @@ def batch_grads(
         (part_batch, adv_B, weights), k = part
         model = policy_model(graphdef, params, cfg)
         logp, entropy, attn = sequence_log_probs(
-            model, part_batch, spec, cfg.remat, cfg.logit_chunk
+            model, part_batch, spec, cfg.remat, cfg.logit_chunk, cfg.scan_layers
         )
         gamma = part_batch.gamma_BxT
         if gamma is None:
@@ -454,7 +462,9 @@ def forward_credit(
 
     def one_pass(part):
         part_batch, k = part
-        logp, entropy, attn = sequence_log_probs(model, part_batch, spec, "none", cfg.logit_chunk)
+        logp, entropy, attn = sequence_log_probs(
+            model, part_batch, spec, "none", cfg.logit_chunk, cfg.scan_layers
+        )
         key = credit_rng if n == 1 else jax.random.fold_in(credit_rng, k)
         gamma = credit_weights(part_batch, cfg, logp, entropy, attn, key) if per_pass else logp
         return logp, entropy, gamma
@@ -577,7 +587,7 @@ def response_log_probs(
     n = microbatch.passes(batch.tokens_BxT.shape[0], cfg.micro_batch, shards)
 
     def one_pass(part):
-        return sequence_log_probs(model, part, NONE, "none", cfg.logit_chunk)[0]
+        return sequence_log_probs(model, part, NONE, "none", cfg.logit_chunk, cfg.scan_layers)[0]
 
     parts = microbatch.split(batch, n, shards, mesh)
     logp_BxT = microbatch.merge(microbatch.forward(one_pass, parts, n), shards, mesh)

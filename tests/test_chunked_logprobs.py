@@ -332,3 +332,47 @@ def test_captured_chunks_are_recomputed_under_remat():
     probs_bytes = Bm * cfg.num_heads * Tm * Tm * 4
     saved = temp[False].temp_size_in_bytes - temp[True].temp_size_in_bytes
     assert saved >= probs_bytes, (saved, probs_bytes)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
+def scan_loss_and_grad(graphdef, params, tokens, remat, capture, scan_layers):
+    def loss(params):
+        out = nnx.merge(graphdef, params)(
+            tokens, capture=capture, remat=remat, scan_layers=scan_layers
+        )
+        logp, entropy = rl.next_token_log_probs(out.logits_BxTxV, tokens)
+        attn = jnp.zeros(()) if out.attn_BxTxS is None else jnp.mean(out.attn_BxTxS**2)
+        return scalar_of(logp, entropy) + attn, (out.logits_BxTxV, out.attn_BxTxS)
+
+    return jax.value_and_grad(loss, has_aux=True)(params)
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+@pytest.mark.parametrize(
+    "name,capture",
+    [("qwen3-untied", CaptureSpec(mode="layers", layers=(1, 2))),  # stretches [0] [1,2] [3]
+     ("gemma3-softcap", CaptureSpec())],  # sliding x3 + full: stretches by structure too
+    ids=["qwen3", "gemma3"],
+)
+def test_scanned_layers_equal_unrolled(name, capture, remat):
+    """scan_layers runs each stretch of alike layers as one scan: same logits, map, loss and
+    gradient as the layer-by-layer loop."""
+    graphdef, params = model_parts(name, num_layers=4)
+    tokens = random_tokens()
+    want = scan_loss_and_grad(graphdef, params, tokens, remat, capture, False)
+    got = scan_loss_and_grad(graphdef, params, tokens, remat, capture, True)
+    assert got[0][1][1] is not None
+    assert_trees_close(got, want)
+
+
+def test_alike_stretches():
+    from ftjax.models.transformer import _alike_stretches
+
+    layer_types = (SLIDING,) * 5 + (FULL,)
+    model = Transformer(tiny("gemma3", num_layers=6, layer_types=layer_types), rngs=nnx.Rngs(0))
+    assert _alike_stretches(model.layers, ()) == [(0, 5), (5, 6)]
+    assert _alike_stretches(model.layers, (2, 3)) == [(0, 2), (2, 4), (4, 5), (5, 6)]
+    model = Transformer(tiny("qwen3", num_layers=3), rngs=nnx.Rngs(0))
+    assert _alike_stretches(model.layers, (0, 1, 2)) == [(0, 3)]
+    with pytest.raises(ValueError, match="scan_layers is for a forward pass without a cache"):
+        model(random_tokens(), cache=KVCache.empty(model.cfg, B, T), scan_layers=True)

@@ -203,14 +203,15 @@ def grads_on_mesh(cfg, batch, shape):
     [
         # micro_batch alone and dots are also covered by the step-level and model-level tests
         pytest.param({"micro_batch": 1}, marks=pytest.mark.slow),
-        {"micro_batch": 1, "remat": "full", "logit_chunk": 5},
+        # scan_layers here: the captured stretch scanned under FSDP (2, 4) with everything else
+        {"micro_batch": 1, "remat": "full", "logit_chunk": 5, "scan_layers": True},
         pytest.param({"remat": "dots", "logit_chunk": 64}, marks=pytest.mark.slow),
         {"credit_pass": "separate", "micro_batch": 1, "remat": "full"},
     ],
 )
 def test_memory_knobs_leave_the_gradient_unchanged(knobs):
-    """Passes, per-layer remat, chunked log-probs and credit from a separate gradient-free pass
-    change where memory goes, not the math:
+    """Passes, per-layer remat, chunked log-probs, scanned layers and credit from a separate
+    gradient-free pass change where memory goes (or how long it compiles), not the math:
     the gradient (compared, not the Adam update, whose first step lr * g / |g| magnifies float
     rounding where g ~ 0) and every token's log-prob, entropy and gamma."""
     batch, base = make_batch(), cfg_for("seq-mean-token-mean")
