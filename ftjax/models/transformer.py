@@ -262,9 +262,8 @@ class Transformer(nnx.Module):
         attn_BxTxS, row_weight_BxT = _empty_map(slots, valid_BxT, captured)
         for start, stop in _alike_stretches(self.layers, captured):
             graphdef = nnx.split(self.layers[start])[0]
-            stacked = jax.tree.map(
-                lambda *xs: jnp.stack(xs), *(nnx.split(self.layers[i])[1] for i in range(start, stop))
-            )
+            states = [nnx.split(self.layers[i])[1] for i in range(start, stop)]
+            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
             is_captured = start in captured
 
             def body(carry, state, graphdef=graphdef, is_captured=is_captured):
