@@ -292,21 +292,67 @@ def masked_sets(tau_T, eligible_T, fraction: float, rng) -> dict[str, np.ndarray
     return out
 
 
-def redecode(model, tokens_BxT, valid_BxT, positions_BxT, start_B, steps: int) -> np.ndarray:
+def redecode(
+    model, tokens_BxT, valid_BxT, positions_BxT, start_B, steps: int, forward=None
+) -> np.ndarray:
     """Greedy re-decoding of `steps` tokens from column start_B[b] of each row, by full forward
     passes (keys that are not valid are never attended; positions are given, so masking shifts
-    nothing). Column start_B[b] + j is overwritten by the j-th decoded token before step j + 1."""
+    nothing). Column start_B[b] + j is overwritten by the j-th decoded token before step j + 1.
+    `forward(model, tokens, valid, positions) -> logits` (e.g. `jitted_logits`; default: the
+    model called eagerly)."""
     tokens_BxT = np.array(tokens_BxT)
     rows = np.arange(len(start_B))
     decoded_BxW = np.zeros((len(start_B), steps), np.int32)
     for j in range(steps):
-        logits_BxTxV = model(
-            tokens_BxT, valid_BxT=valid_BxT, positions_BxT=positions_BxT
-        ).logits_BxTxV
+        if forward is None:
+            logits_BxTxV = model(
+                tokens_BxT, valid_BxT=valid_BxT, positions_BxT=positions_BxT
+            ).logits_BxTxV
+        else:
+            logits_BxTxV = forward(model, tokens_BxT, valid_BxT, positions_BxT)
         decoded_BxW[:, j] = np.asarray(jnp.argmax(logits_BxTxV[rows, start_B + j - 1], -1))
         if j + 1 < steps:
             tokens_BxT[rows, start_B + j] = decoded_BxW[:, j]
     return decoded_BxW
+
+
+@jax.jit
+def jitted_logits(model, tokens_BxT, valid_BxT, positions_BxT):
+    """The model's logits_BxTxV under jit (one compile per shape): a `redecode` forward."""
+    return model(tokens_BxT, valid_BxT=valid_BxT, positions_BxT=positions_BxT).logits_BxTxV
+
+
+def answer_changes(
+    model, tokens_RxT, valid_RxT, start_R, width_R, row_M, keys_MxT, chunk: int = 256
+) -> np.ndarray:
+    """changed_M: whether hiding the keys keys_MxT[m] (True: no query may read that column;
+    positions unchanged) from response row_M[m] changes its greedily re-decoded answer (the
+    width_R[r] tokens from column start_R[r]) against the same re-decoding without a mask.
+    `chunk` rows per forward pass."""
+    tokens_RxT, valid_RxT = np.asarray(tokens_RxT), np.asarray(valid_RxT, bool)
+    start_R, width_R = np.asarray(start_R, int), np.asarray(width_R, int)
+    row_M, keys_MxT = np.asarray(row_M, int), np.asarray(keys_MxT, bool)
+    if keys_MxT.shape != (len(row_M), tokens_RxT.shape[1]):
+        raise ValueError(f"keys_MxT has shape {keys_MxT.shape}, expected ({len(row_M)}, T)")
+    if (keys_MxT & (np.arange(tokens_RxT.shape[1])[None] >= start_R[row_M][:, None])).any():
+        raise ValueError("a masked key is at or after its row's answer start")
+    positions_RxT = np.maximum(np.cumsum(valid_RxT, -1) - 1, 0)
+    width = int(width_R.max(initial=0))
+
+    def decode(tokens, valid, positions, start):
+        parts = [
+            redecode(model, tokens[i : i + chunk], valid[i : i + chunk],
+                     positions[i : i + chunk], start[i : i + chunk], width, jitted_logits)
+            for i in range(0, len(start), chunk)
+        ]  # fmt: skip
+        return np.concatenate(parts) if parts else np.zeros((0, width), np.int32)
+
+    base_RxW = decode(tokens_RxT, valid_RxT, positions_RxT, start_R)
+    masked_MxW = decode(
+        tokens_RxT[row_M], valid_RxT[row_M] & ~keys_MxT, positions_RxT[row_M], start_R[row_M]
+    )
+    answer_MxW = np.arange(width)[None, :] < width_R[row_M][:, None]
+    return np.any((masked_MxW != base_RxW[row_M]) & answer_MxW, -1)
 
 
 def masking_table(title: str, result: dict) -> str:

@@ -201,6 +201,55 @@ def position_score_BxT(response_BxT) -> np.ndarray:
     return np.broadcast_to(-np.arange(shape[1], dtype=np.float64), shape).copy()
 
 
+ATTENTION_SCORES = ("attention_received", "attention_received_mean", "attention_max")
+
+
+def attention_scores(
+    attn_BxTxT, prompt_BxT, response_BxT, window: int | None = None
+) -> dict[str, np.ndarray]:
+    """The raw per-token scores the point-wise attention credits of credit.py rank by (before
+    their top fraction), float64 B x T: over the valid queries k that come 1..window tokens
+    after key i (any later one when window is None), the sum ("attention_received"), the mean
+    ("attention_received_mean") and the max ("attention_max") of attn[b, k, i]; mean and max
+    are 0 for a key no such query sees."""
+    attn_BxTxT = np.asarray(attn_BxTxT, np.float64)
+    valid_BxT = np.asarray(prompt_BxT, bool) | np.asarray(response_BxT, bool)
+    if attn_BxTxT.ndim != 3 or attn_BxTxT.shape != (*valid_BxT.shape, valid_BxT.shape[-1]):
+        raise ValueError(
+            f"attn_BxTxT has shape {attn_BxTxT.shape}, the masks have {valid_BxT.shape}"
+        )
+    T = valid_BxT.shape[-1]
+    lag_TxT = np.arange(T)[:, None] - np.arange(T)[None, :]  # query k minus key i
+    later_TxT = (lag_TxT >= 1) & (lag_TxT <= (T if window is None else window))
+    later_BxTxT = later_TxT[None] & valid_BxT[:, :, None]
+    count_BxT = later_BxTxT.sum(axis=1)
+    received_BxT = np.where(later_BxTxT, attn_BxTxT, 0.0).sum(axis=1)
+    largest_BxT = np.where(later_BxTxT, attn_BxTxT, -np.inf).max(axis=1)
+    return {
+        "attention_received": received_BxT,
+        "attention_received_mean": received_BxT / np.maximum(count_BxT, 1),
+        "attention_max": np.where(count_BxT > 0, largest_BxT, 0.0),
+    }
+
+
+def layout(sampled: Sampled, per_response, dtype=bool, fill=0) -> np.ndarray:
+    """`per_response(prompt, response)` (one entry per response token) laid out like the batch
+    (B x T, `fill` elsewhere): for a task's labels, chain ids, roles, ..."""
+    B, T = sampled.batch.tokens_BxT.shape
+    out_BxT = np.full((B, T), fill, dtype)
+    offset = sampled.prompt_slots
+    for b, (prompt, response) in enumerate(zip(sampled.prompts, sampled.responses, strict=True)):
+        values = per_response(prompt, response)
+        if values is None or len(values) != len(response):
+            raise ValueError(
+                f"{getattr(per_response, '__name__', per_response)} gave "
+                f"{None if values is None else len(values)} entries for a response of "
+                f"{len(response)} tokens"
+            )
+        out_BxT[b, offset : offset + len(values)] = values
+    return out_BxT
+
+
 def task_labels(task, sampled: Sampled) -> np.ndarray:
     """Ground-truth essential labels laid out like the batch (B x T), from `task.labels`."""
     B, T = sampled.batch.tokens_BxT.shape

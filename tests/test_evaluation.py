@@ -172,3 +172,60 @@ def test_pairwise_auc_rejects_nan_scores_and_non_2d_input():
         evaluation.pairwise_auc(np.zeros(3), np.zeros(3, bool), np.ones(3, bool))
     with pytest.raises(ValueError, match="response_BxT"):
         evaluation.position_score_BxT(np.ones(3, bool))
+
+
+@pytest.mark.parametrize("window", [None, 1, 3])
+def test_attention_scores_match_the_loop_references_and_rank_like_the_credits(window):
+    """The raw scores against tests/reference_credit.py's loops, per row; and their top 40%
+    is exactly the set the credit variants of the same name give gamma (same tie rule)."""
+    import jax.numpy as jnp
+
+    from ftjax import credit
+
+    B, T = 3, 11
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(B, T, T))
+    logits = np.where(np.tril(np.ones((T, T), bool)), logits, -np.inf)
+    attn = np.exp(logits - logits.max(-1, keepdims=True))
+    attn /= attn.sum(-1, keepdims=True)
+    prompt = np.zeros((B, T), bool)
+    prompt[:, 1:4] = True
+    response = np.zeros((B, T), bool)
+    response[0, 4:9] = True  # padding on both sides
+    response[1, 4:11] = True
+    response[2, 4:10] = True
+    got = evaluation.attention_scores(attn, prompt, response, window)
+    assert sorted(got) == sorted(evaluation.ATTENTION_SCORES)
+    for name, score in got.items():
+        for b in range(B):
+            want = ref.POINTWISE_ATTENTION[name](attn[b], prompt[b] | response[b], window)
+            np.testing.assert_allclose(score[b], want, rtol=0, atol=1e-12, err_msg=name)
+        inputs = credit.CreditInputs(
+            prompt_mask_BxT=jnp.asarray(prompt),
+            response_mask_BxT=jnp.asarray(response),
+            answer_mask_BxT=jnp.zeros((B, T), bool),
+            attn_BxTxT=jnp.asarray(attn, jnp.float32),
+        )
+        cfg = credit.CreditConfig(name=name, attention_window=window)
+        selected = np.asarray(credit.compute(inputs, cfg)) > 1.0
+        top = np.asarray(
+            credit.top_fraction_mask(jnp.asarray(score), jnp.asarray(response), cfg.top_fraction)
+        )
+        np.testing.assert_array_equal(selected, top, err_msg=name)
+
+
+def test_attention_scores_reject_a_map_of_another_shape():
+    with pytest.raises(ValueError, match="attn_BxTxT"):
+        evaluation.attention_scores(np.zeros((1, 4, 3)), np.ones((1, 4), bool), np.ones((1, 4)))
+
+
+def test_layout_places_each_response_after_the_prompt_slots():
+    from ftjax import train
+
+    batch = train.Batch(*(np.zeros((2, 7)),) * 5, old_log_probs_BxT=np.zeros((2, 7)))
+    got = evaluation.Sampled(prompts=[[1], [2]], batch=batch, responses=[[5, 6], [7]],
+                             prompt_slots=4)  # fmt: skip
+    ids = evaluation.layout(got, lambda p, r: [p[0] * 10 + t for t in r], dtype=int, fill=-1)
+    np.testing.assert_array_equal(ids, [[-1, -1, -1, -1, 15, 16, -1], [-1, -1, -1, -1, 27, -1, -1]])
+    with pytest.raises(ValueError, match="entries for a response of 2 tokens"):
+        evaluation.layout(got, lambda p, r: [True])

@@ -10,7 +10,14 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from experiments import causal_masking, common, credit_suite, precision_by_layer, quickstart
+from experiments import (
+    branches_study,
+    causal_masking,
+    common,
+    credit_suite,
+    precision_by_layer,
+    quickstart,
+)
 from ftjax import credit
 from ftjax.logging import read_jsonl
 
@@ -192,3 +199,98 @@ def test_gemma_problems_are_well_formed():
         want = int(values[parent]) + (int(constant) if op == "+" else -int(constant))
         assert answer == want and answer >= 0 and len(set(names)) == 3
         assert question.endswith(f"What is {target}?\n")
+
+
+BRANCHES_TOY = [
+    "--seeds", "1", "--task.chains", "2", "--task.chain_length", "2",
+    "--policy.layers", "2", "--policy.hidden", "32",
+    "--warmup.steps", "150", "--warmup.warmup_steps", "10", "--warmup.batch_size", "16",
+    "--warmup.lr", "1e-2",
+    "--rl_steps", "2", "--prompts_per_step", "4", "--group_size", "2",
+    "--eval_prompts", "8", "--precision_responses", "4", "--analysis_responses", "16",
+]  # fmt: skip
+
+
+def test_branches_study_analysis_and_gate_end_to_end(tmp_path, capsys):
+    out = tmp_path / "study"
+    argv = [*BRANCHES_TOY, "--out", str(out)]
+    analysis = branches_study.main(["--stage", "analysis", *argv])
+    table = (out / "analysis.md").read_text()
+    assert table.strip() in capsys.readouterr().out
+    assert json.loads((out / "analysis.json").read_text())["per_seed"].keys() == {"0"}
+    seed = analysis["per_seed"][0]
+    assert seed["responses_with_answer"] > 0
+    layers = ["layer 0", "layer 1", "middle third [0] (default)", "all layers"]
+    want = {f"{name} | -" for name in branches_study.FIXED_SCORES}
+    want |= {f"{name} | {layer}" for name in branches_study.FLOW_SCORES for layer in layers}
+    assert set(seed["rows"]) == want
+    for name, row in seed["rows"].items():
+        assert f"| {name} |" in table
+        for key in ("precision", "auc", "value_precision", "value_auc"):
+            assert 0.0 <= row[key] <= 1.0, (name, key)
+        if name.split(" | ")[0] in branches_study.FLOW_SCORES:
+            assert 0.0 <= row["leak_share"] <= 1.0 and 0.0 <= row["queried_share"] <= 1.0
+            assert row["leak_share"] + row["queried_share"] <= 1.0 + 1e-9
+        else:
+            assert "leak_share" not in row
+    position, constant = seed["rows"]["position | -"], seed["rows"]["constant | -"]
+    assert position["essential_first"] > position["essential_later"]
+    # No preference: AUC 1/2, precision the essential share (up to each row's rounding of 40%).
+    assert constant["auc"] == 0.5
+    assert constant["precision"] == pytest.approx(seed["base_rate"], abs=0.03)
+    # A 2-layer policy's default capture is layer 0: the same numbers.
+    for name in branches_study.FLOW_SCORES:
+        assert seed["rows"][f"{name} | layer 0"] == seed["rows"][f"{name} | {layers[2]}"]
+    assert {"queried statement", "distractor statement"} <= set(seed["causal"])
+    for kind in seed["causal"].values():
+        assert 0.0 <= kind["answer_change_rate"] <= 1.0 and kind["masks"] > 0
+
+    warmup = (out / "seed0" / "warmup.json").read_text()
+    gate = branches_study.main(["--stage", "gate", *argv])
+    assert (out / "seed0" / "warmup.json").read_text() == warmup  # the same warm-up, reused
+    assert set(gate["runs"]) == {"seed0/uniform", "seed0/oracle"}
+    for arm in ("uniform", "oracle"):
+        history = read_jsonl(out / "seed0" / f"rl_{arm}" / "metrics.jsonl")
+        assert sorted(history) == [0, 1]
+        run = gate["runs"][f"seed0/{arm}"]
+        assert run["reward_mean"] == pytest.approx(
+            np.mean([m["reward_mean"] for m in history.values()])
+        )
+        assert all(np.isfinite(run[k]) for k in ("accuracy_greedy", "accuracy_sampled"))
+    assert "precision" not in gate["runs"]["seed0/oracle"]  # by construction; not measured
+    assert 0.0 <= gate["runs"]["seed0/uniform"]["precision"] <= 1.0
+    diff = (
+        gate["runs"]["seed0/oracle"]["reward_mean"] - gate["runs"]["seed0/uniform"]["reward_mean"]
+    )
+    assert gate["primary"]["oracle"]["mean"] == pytest.approx(diff)
+    text = (out / "gate.md").read_text()
+    assert "| uniform |" in text and "| oracle |" in text and "branches_study --stage gate" in text
+
+    # A rerun reuses every finished run; other settings under the same --out are refused.
+    saved = (out / "seed0" / "oracle.json").stat().st_mtime_ns
+    assert branches_study.main(["--stage", "gate", *argv])["runs"] == gate["runs"]
+    assert (out / "seed0" / "oracle.json").stat().st_mtime_ns == saved
+    with pytest.raises(ValueError, match="rl_steps"):
+        branches_study.main(["--stage", "gate", *argv, "--rl_steps", "3"])
+
+
+def test_branches_study_refuses_a_bad_config_before_any_work(tmp_path):
+    out = ["--out", str(tmp_path / "study")]
+    with pytest.raises(ValueError, match="no_such_arm"):
+        branches_study.main(["--stage", "arms", "--arms", "uniform,no_such_arm", *out])
+    with pytest.raises(ValueError, match="stage 'bogus'"):
+        branches_study.main(["--stage", "bogus", *out])
+    with pytest.raises(ValueError, match="uniform"):
+        branches_study.main(["--arms", "oracle,flowtracer", *out])
+    with pytest.raises(ValueError, match="answer_only"):
+        branches_study.main(["--task.answer_only", "true", *out])
+    assert not list(tmp_path.iterdir())
+
+
+def test_branches_statements_split_at_semicolons():
+    from ftjax.tasks.vocab import VOCAB
+
+    text = "a=1=1;c=a+2=3;b=5=5;>3"
+    tokens = VOCAB.encode(text)
+    chains = [0] * 6 + [0] * 8 + [1] * 6 + [-1] * 2
+    assert branches_study.statements(chains, tokens) == [(0, 0, 6), (0, 6, 14), (1, 14, 20)]

@@ -1,0 +1,538 @@
+"""Dead-end branches (issue 13): does a credit find the queried chain, and does credit on it help?
+
+    python -m experiments.branches_study --stage analysis|gate|arms|control [--seeds 8]
+        [--out runs/branches_study] [--arms uniform,oracle,flowtracer] [--rl_steps 60]
+
+Task: `ftjax/tasks/branches.py` (K = 3 chains of 3 variables, one queried, mod 10, + and -).
+Policy: the 4-layer `common.PolicyConfig`. Per seed s (task seed s, policy init seed s): ONE
+supervised warm-up on solver traces (out/seed{s}/warmup, reused when present) that every stage and
+arm of that seed starts from.
+
+- `analysis` (the warm-up policy, no RL): on `analysis_responses` sampled held-out responses with
+  an answer, each score (flow throughput tau, the three point-wise attention scores, next-token
+  entropy, the position-only score, random, a constant), read from each single layer, the default
+  middle third and all layers where it reads attention: precision@40% against `task.labels` and
+  `task.value_labels`, the same-role pairwise AUC (overall, essential token first, essential token
+  later), and flow leakage (the share of the score's total on distractor-chain statements, and on
+  the queried chain's). Eligible tokens: the response less its answer span. Causal ground truth:
+  each statement's tokens masked as attention keys (positions unchanged) and the answer re-decoded
+  greedily; the answer-change rate per kind of statement masked.
+- `gate`: RL with `uniform` and `oracle` credit from the same warm-up, same prompts, same sampling
+  keys (the loop's seed is s in both; only the credit name differs). PRIMARY ENDPOINT, fixed
+  before any run: per seed the paired difference oracle - uniform of the mean rollout reward over
+  all RL steps (`reward_mean` of the run's metrics.jsonl); mean +/- SE over seeds, and whether it
+  is more than 2 SE from 0. Secondary: greedy and sampled held-out accuracy after RL, paired.
+- `arms`: the same for every arm in --arms, each against uniform.
+- `control`: the warm-up trained on answer-only demonstrations (`>value<eos>`, same steps), its
+  held-out accuracy against chance (1/modulus) and the worksheet warm-up's.
+
+Every finished run and analysis is saved as JSON under --out and reused when run again; the
+settings that define them are kept beside them, and a rerun under other settings is refused.
+Each stage prints and writes out/<stage>.md and out/<stage>.json.
+Measured on the 2-core development machine (shared with other jobs), defaults: see
+experiments/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import shlex
+import sys
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from experiments import common
+from ftjax import capture, credit, evaluation, loop, rl, rollout, sft, train
+from ftjax.tasks.branches import BranchesConfig, BranchesTask
+from ftjax.tasks.vocab import VOCAB
+
+STAGES = ("analysis", "gate", "arms", "control")
+GATE_ARMS = ("uniform", "oracle")
+ARMS = (
+    "uniform",
+    "oracle",
+    "flowtracer",
+    "flowtracer_inverse",
+    "random",
+    "attention_received_mean",
+    "entropy",
+)
+FLOW_SCORES = ("flowtracer", *evaluation.ATTENTION_SCORES)  # read attention; leakage reported
+FIXED_SCORES = ("position", "entropy", "random", "constant")  # the same for every layer choice
+SEMICOLON = VOCAB.encode(";")[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    stage: str = "gate"
+    out: str = "runs/branches_study"
+    seeds: int = 8
+    task: BranchesConfig = BranchesConfig()
+    policy: common.PolicyConfig = common.PolicyConfig(layers=4, hidden=128, heads=4)
+    warmup: sft.SFTConfig = sft.SFTConfig(steps=600, batch_size=16, lr=6e-3, warmup_steps=50)
+    arms: tuple[str, ...] = ARMS  # stage `arms`; stage `gate` runs GATE_ARMS
+    plugins: tuple[str, ...] = ()  # .py files to import first (your own credit variants)
+    rl_steps: int = 40
+    prompts_per_step: int = 8
+    group_size: int = 8
+    lr: float = 1e-4
+    temperature: float = 1.0
+    eval_prompts: int = 256
+    precision_responses: int = 64
+    analysis_responses: int = 128
+    fraction: float = 0.4
+    prompt_len: int | None = None  # None: the longest prompt the task can make
+    max_new_tokens: int | None = None  # None: the longest solver response + 4
+    progress: bool = False
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown StudyConfig.stage {self.stage!r}; known: {STAGES}")
+        for name in ("seeds", "rl_steps", "eval_prompts", "precision_responses"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"StudyConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.analysis_responses < 1:
+            raise ValueError(
+                f"StudyConfig.analysis_responses must be >= 1, got {self.analysis_responses}"
+            )
+        for name in ("prompt_len", "max_new_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(
+                    f"StudyConfig.{name} must be None or >= 1, got {getattr(self, name)}"
+                )
+        if not 0.0 < self.fraction < 1.0:
+            raise ValueError(f"StudyConfig.fraction must be in (0, 1), got {self.fraction}")
+        if self.task.answer_only:
+            raise ValueError("StudyConfig.task.answer_only is for stage `control` alone; leave it")
+        if "uniform" not in self.arms or len(set(self.arms)) != len(self.arms):
+            raise ValueError(
+                f"StudyConfig.arms needs 'uniform' (the baseline), no repeats: {self.arms}"
+            )
+        for name in self.arms:
+            credit.get(name)  # an unknown name is a ValueError here, before any work
+
+    def lengths(self) -> tuple[int, int]:
+        """(prompt slots, response slots): the longest prompt and solver response (+ 4) of the
+        task, from its shape: root `a=N=?;`, link `c=a+N=?;`, statements `a=N=N;`, `c=a+N=N;`."""
+        t, digits = self.task, len(str(self.task.modulus - 1))
+        roots, links = t.chains, t.chains * (t.chain_length - 1)
+        prompt = 1 + roots * (5 + digits) + links * (7 + digits) + 2  # <bos> ... ?q
+        response = roots * (4 + 2 * digits) + links * (6 + 2 * digits) + 1 + digits + 1
+        return self.prompt_len or prompt, self.max_new_tokens or response + 4
+
+
+def identity(cfg: StudyConfig) -> dict:
+    """The settings every saved warm-up and run under --out was made with."""
+    keys = ("task", "policy", "warmup", "rl_steps", "prompts_per_step", "group_size", "lr",
+            "temperature", "eval_prompts", "precision_responses", "fraction")  # fmt: skip
+    out = {k: v for k, v in dataclasses.asdict(cfg).items() if k in keys}
+    return json.loads(json.dumps({**out, "lengths": cfg.lengths()}))
+
+
+def task_of(cfg: StudyConfig, seed: int, answer_only: bool = False) -> BranchesTask:
+    return BranchesTask(dataclasses.replace(cfg.task, seed=seed, answer_only=answer_only))
+
+
+def mean_se(values) -> tuple[float, float, int]:
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
+    se = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+    return (float(v.mean()) if len(v) else float("nan")), se, len(v)
+
+
+def show(values) -> str:
+    mean, se, n = mean_se(values)
+    return "n/a" if n == 0 else f"{mean:.3f} ± {se:.3f}"
+
+
+def warm_policy(cfg: StudyConfig, seed: int, out: pathlib.Path, answer_only: bool = False):
+    """(the seed's warm-up policy, its held-out accuracy record), trained or restored."""
+    task, (prompt_len, new) = task_of(cfg, seed, answer_only), cfg.lengths()
+    name = "warmup_answer_only" if answer_only else "warmup"
+    model = common.build_policy(cfg.policy, seed)
+    seconds = common.warm_up(model, task, cfg.warmup, prompt_len, new, out / name, cfg.progress)
+    path = out / f"{name}.json"
+    if path.exists():
+        return model, json.loads(path.read_text())
+    evaluated = task_of(cfg, seed)  # scored as the worksheet task: same prompts, same verifier
+    record = {"warmup_seconds": seconds, **accuracies(model, evaluated, cfg, seed)}
+    path.write_text(json.dumps(record) + "\n")
+    return model, record
+
+
+def accuracies(model, task, cfg: StudyConfig, seed: int) -> dict[str, float]:
+    prompt_len, new = cfg.lengths()
+    rng = jax.random.PRNGKey(seed + 7)
+    args = (model, task, common.EVAL_START, cfg.eval_prompts, prompt_len)
+    return {
+        "accuracy_greedy": evaluation.accuracy(*args, rollout.sampling_config(task, new, 0.0), rng),
+        "accuracy_sampled": evaluation.accuracy(
+            *args, rollout.sampling_config(task, new, 1.0), rng
+        ),
+    }
+
+
+# ----------------------------------------------------------------------------- RL arms
+
+
+def run_arm(cfg: StudyConfig, seed: int, arm: str, warm_params, out: pathlib.Path) -> dict:
+    path = out / f"{arm}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    task, (prompt_len, new) = task_of(cfg, seed), cfg.lengths()
+    step_cfg = train.StepConfig(
+        group_size=cfg.group_size,
+        loss=rl.LossConfig(clip_high=0.28),
+        credit=credit.CreditConfig(name=arm),
+        optim=train.OptimConfig(lr=cfg.lr),
+    )
+    loop_cfg = loop.LoopConfig(
+        steps=cfg.rl_steps,
+        prompts_per_step=cfg.prompts_per_step,
+        prompt_len=prompt_len,
+        sampling=rollout.sampling_config(task, new, cfg.temperature),
+        checkpoint_every=max(cfg.rl_steps // 2, 1),
+        keep_checkpoints=1,
+        seed=seed,  # the same prompts and sampling keys for every arm of this seed
+        progress=cfg.progress,
+    )
+    started = time.perf_counter()
+    model, history = common.rl_run(
+        warm_params, cfg.policy, task, step_cfg, loop_cfg, out / f"rl_{arm}"
+    )
+    rewards = [history[s]["reward_mean"] for s in sorted(history)]
+    if len(rewards) != cfg.rl_steps:
+        raise RuntimeError(f"{out / f'rl_{arm}'} logged {len(rewards)} of {cfg.rl_steps} steps")
+    result = {
+        "reward_mean": float(np.mean(rewards)),  # the primary endpoint's per-run number
+        **accuracies(model, task, cfg, seed),
+        "step_seconds": common.median_step_seconds(history),
+        "wall_seconds": time.perf_counter() - started,
+    }
+    # Precision of the arm's own credit on the trained policy; evaluation does not fill labels,
+    # and a credit made of the labels is precise by construction: skipped for such arms.
+    if "labels_BxT" not in credit.get(arm).needs:
+        result["precision"] = common.credit_precision(
+            model, task, [arm], cfg.precision_responses, prompt_len, new,
+            jax.random.PRNGKey(seed + 7), cfg.fraction,
+        )[arm]  # fmt: skip
+    path.write_text(json.dumps(result) + "\n")
+    return result
+
+
+def paired(results: dict, arm: str, key: str, seeds: range) -> list[float]:
+    return [results[(s, arm)][key] - results[(s, "uniform")][key] for s in seeds]
+
+
+def verdict(diffs: list[float]) -> str:
+    mean, se, n = mean_se(diffs)
+    if n < 2:
+        return "n/a (1 seed)"
+    return f"{'yes' if abs(mean) > 2 * se else 'no'} ({mean / se:+.1f} SE)" if se > 0 else "n/a"
+
+
+def arms_table(cfg: StudyConfig, arms, results: dict, before: dict) -> str:
+    seeds = range(cfg.seeds)
+    lines = [
+        f"RL on branches: {cfg.seeds} seeds, {cfg.rl_steps} steps of {cfg.prompts_per_step} "
+        f"prompts x {cfg.group_size}; mean ± SE over seeds; diff = arm - uniform, paired by seed",
+        "| arm | mean rollout reward (all steps) | diff (PRIMARY) | diff > 2 SE | greedy acc "
+        "after | diff | sampled acc after | diff | precision@40 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm in arms:
+        runs = [results[(s, arm)] for s in seeds]
+        diff = show if arm != "uniform" else (lambda _: "-")  # noqa: E731
+        reward_diffs = paired(results, arm, "reward_mean", seeds)
+        lines.append(
+            f"| {arm} | {show(r['reward_mean'] for r in runs)} | {diff(reward_diffs)} | "
+            f"{verdict(reward_diffs) if arm != 'uniform' else '-'} | "
+            f"{show(r['accuracy_greedy'] for r in runs)} | "
+            f"{diff(paired(results, arm, 'accuracy_greedy', seeds))} | "
+            f"{show(r['accuracy_sampled'] for r in runs)} | "
+            f"{diff(paired(results, arm, 'accuracy_sampled', seeds))} | "
+            f"{show(r.get('precision') for r in runs) if arm != 'oracle' else 'by construction'} |"
+        )
+    lines.append(
+        f"\nwarm-up (before RL): greedy {show(b['accuracy_greedy'] for b in before.values())}, "
+        f"sampled {show(b['accuracy_sampled'] for b in before.values())}"
+    )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+def score_metrics(score_BxT, truth: dict, nonnegative: bool, fraction: float) -> dict:
+    """precision@fraction and same-role AUC against both essential sets; leakage shares."""
+    eligible_BxT, roles_BxT, chains_BxT = truth["eligible"], truth["roles"], truth["chains"]
+    out = {}
+    for prefix, essential_BxT in (("", truth["labels"]), ("value_", truth["values"])):
+        out[f"{prefix}precision"] = evaluation.precision(
+            score_BxT, essential_BxT, ~eligible_BxT, eligible_BxT, fraction
+        )
+        auc = evaluation.pairwise_auc(score_BxT, essential_BxT, eligible_BxT, roles_BxT)
+        out.update({f"{prefix}{k}": v for k, v in auc.items() if "pairs" not in k})
+    if nonnegative:
+        mass_BxT = np.where(eligible_BxT, score_BxT, 0.0)
+        total_B = mass_BxT.sum(-1)
+        live_B = total_B > 0
+        for name, where_BxT in (("leak", chains_BxT >= 1), ("queried", chains_BxT == 0)):
+            share_B = (mass_BxT * where_BxT).sum(-1)[live_B] / total_B[live_B]
+            out[f"{name}_share"] = float(share_B.mean()) if live_B.any() else float("nan")
+    return out
+
+
+def statements(chains_T, tokens_T) -> list[tuple[int, int, int]]:
+    """(chain id, first column, end column) of every well-formed statement (each ends at `;`)."""
+    spans, start = [], None
+    for t, chain in enumerate(chains_T):
+        if chain >= 0 and start is None:
+            start = t
+        if start is not None and (chain < 0 or tokens_T[t] == SEMICOLON):
+            end = t + 1 if chain >= 0 else t
+            spans.append((int(chains_T[start]), start, end))
+            start = None
+    return spans
+
+
+def causal(model, task, got, keep_B, chains_BxT) -> dict:
+    """Answer-change rates when the keys of one statement (or one whole set) are hidden."""
+    batch = got.batch
+    tokens_BxT, answer_BxT = np.asarray(batch.tokens_BxT), np.asarray(batch.answer_mask_BxT)
+    valid_BxT = np.asarray(batch.prompt_mask_BxT | batch.response_mask_BxT)
+    rows = np.flatnonzero(keep_B)
+    row_M, kind_M, keys = [], [], []
+    for r, b in enumerate(rows):
+        query = task.parse_prompt(got.prompts[b]).query
+        spans = statements(chains_BxT[b], tokens_BxT[b])
+        for chain, start, end in spans:
+            kinds = ["queried statement" if chain == 0 else "distractor statement"]
+            if chain == 0 and VOCAB.decode([int(tokens_BxT[b, start])]) == query:
+                kinds.append("queried last statement")
+            for kind in kinds:
+                mask_T = np.zeros(tokens_BxT.shape[1], bool)
+                mask_T[start:end] = True
+                row_M, kind_M, keys = row_M + [r], kind_M + [kind], keys + [mask_T]
+        for kind, on in (("whole queried chain", 0), ("all distractor chains", 1)):
+            mask_T = np.zeros(tokens_BxT.shape[1], bool)
+            for chain, start, end in spans:
+                if (chain == 0) == (on == 0):
+                    mask_T[start:end] = True
+            if mask_T.any():
+                row_M, kind_M, keys = row_M + [r], kind_M + [kind], keys + [mask_T]
+    if not row_M:
+        return {}
+    changed_M = common.answer_changes(
+        model, tokens_BxT[rows], valid_BxT[rows], answer_BxT[rows].argmax(-1),
+        answer_BxT[rows].sum(-1), row_M, np.stack(keys),
+    )  # fmt: skip
+    kind_M = np.asarray(kind_M)
+    return {
+        kind: {"answer_change_rate": float(changed_M[kind_M == kind].mean()),
+               "masks": int((kind_M == kind).sum())}
+        for kind in dict.fromkeys(kind_M)
+    }  # fmt: skip
+
+
+def analyse(cfg: StudyConfig, seed: int, model, out: pathlib.Path) -> dict:
+    path = out / "analysis.json"
+    settings = {"responses": cfg.analysis_responses, "fraction": cfg.fraction}
+    if path.exists() and (saved := json.loads(path.read_text()))["settings"] == settings:
+        return saved
+    task, (prompt_len, new) = task_of(cfg, seed), cfg.lengths()
+    got = evaluation.sample(
+        model, task, common.EVAL_START, cfg.analysis_responses, prompt_len,
+        rollout.sampling_config(task, new, 1.0), jax.random.PRNGKey(seed + 13),
+    )  # fmt: skip
+    batch = got.batch
+    keep_B = np.asarray(batch.answer_mask_BxT).any(-1)
+    response_BxT = np.asarray(batch.response_mask_BxT)
+    chains_BxT = evaluation.layout(got, task.chain_ids, int, -1)
+    truth = {
+        "eligible": (response_BxT & ~np.asarray(batch.answer_mask_BxT))[keep_B],
+        "labels": evaluation.layout(got, task.labels)[keep_B],
+        "values": evaluation.layout(got, task.value_labels)[keep_B],
+        "roles": evaluation.layout(got, task.roles, int, 0)[keep_B],
+        "chains": chains_BxT[keep_B],
+    }
+    _, entropy_BxT, _ = jax.jit(lambda m, b: train.sequence_log_probs(m, b, capture.NONE))(
+        model, batch
+    )
+    shape = response_BxT[keep_B].shape
+    fixed = {
+        "position": evaluation.position_score_BxT(response_BxT[keep_B]),
+        "entropy": np.asarray(entropy_BxT)[keep_B],
+        "random": np.random.default_rng(seed).random(shape),
+        "constant": np.zeros(shape),
+    }
+    rows = {
+        f"{name} | -": score_metrics(s, truth, False, cfg.fraction) for name, s in fixed.items()
+    }
+    L = cfg.policy.layers
+    specs = {f"layer {i}": capture.CaptureSpec(mode="layers", layers=(i,)) for i in range(L)}
+    middle = capture.captured_layers(capture.CaptureSpec(), L)
+    specs[f"middle third {list(middle)} (default)"] = capture.CaptureSpec()
+    specs["all layers"] = capture.CaptureSpec(mode="layers", layers=tuple(range(L)))
+    prompt_BxT, done = np.asarray(batch.prompt_mask_BxT), {}
+    for label, spec in specs.items():
+        layers = capture.captured_layers(spec, L)
+        if layers not in done:  # the same layers read twice give the same numbers
+            tau_BxT, attn_BxTxT = jax.jit(lambda m, b, s=spec: evaluation.throughput(m, b, s))(
+                model, batch
+            )
+            scores = {"flowtracer": np.asarray(tau_BxT, np.float64)}
+            scores.update(evaluation.attention_scores(attn_BxTxT, prompt_BxT, response_BxT))
+            done[layers] = {
+                name: score_metrics(s[keep_B], truth, True, cfg.fraction)
+                for name, s in scores.items()
+            }
+        rows.update({f"{name} | {label}": m for name, m in done[layers].items()})
+    result = {
+        "settings": settings,
+        "responses_with_answer": int(keep_B.sum()),
+        "correct": float(np.asarray(batch.rewards_B).mean()),
+        "base_rate": float(truth["labels"][truth["eligible"]].mean()) if keep_B.any() else None,
+        "rows": rows,
+        "causal": causal(model, task, got, keep_B, chains_BxT),
+    }
+    path.write_text(json.dumps(result) + "\n")
+    return result
+
+
+ANALYSIS_COLUMNS = (
+    ("precision", "precision@40"), ("auc", "AUC"), ("essential_first", "AUC first"),
+    ("essential_later", "AUC later"), ("value_precision", "value precision@40"),
+    ("value_auc", "value AUC"), ("leak_share", "share on distractors"),
+    ("queried_share", "share on queried chain"),
+)  # fmt: skip
+
+
+def analysis_table(per_seed: dict) -> str:
+    runs = list(per_seed.values())
+    head = " | ".join(label for _, label in ANALYSIS_COLUMNS)
+    lines = [
+        f"scores on the warm-up policies' sampled responses ({len(runs)} seeds; mean ± SE over "
+        "seeds; answer span not eligible; AUC over same-role pairs)",
+        f"| score | layers | {head} |",
+        "|---|---|" + "---|" * len(ANALYSIS_COLUMNS),
+    ]
+    for row in runs[0]["rows"]:
+        cells = [show(r["rows"][row].get(key) for r in runs) for key, _ in ANALYSIS_COLUMNS]
+        cells = ["-" if c == "n/a" and "share" in key else c
+                 for c, (key, _) in zip(cells, ANALYSIS_COLUMNS, strict=True)]  # fmt: skip
+        lines.append(f"| {row} | {' | '.join(cells)} |")
+    lines += [
+        "\nbase rate (queried-chain share of eligible tokens) "
+        + show(r["base_rate"] for r in runs)
+        + "; responses with an answer per seed "
+        + show(r["responses_with_answer"] for r in runs)
+        + "; sampled accuracy "
+        + show(r["correct"] for r in runs),
+        "\ncausal ground truth: answer change when a statement's tokens are hidden as keys",
+        "| masked | answer change rate | masks (all seeds) |",
+        "|---|---|---|",
+    ]
+    for kind in dict.fromkeys(k for r in runs for k in r["causal"]):
+        found = [r["causal"][kind] for r in runs if kind in r["causal"]]
+        lines.append(
+            f"| {kind} | {show(c['answer_change_rate'] for c in found)} | "
+            f"{sum(c['masks'] for c in found)} |"
+        )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def check_identity(cfg: StudyConfig, out: pathlib.Path) -> None:
+    """Refuse, before any work, an --out whose saved runs were made under other settings."""
+    path, current = out / "study.json", identity(cfg)
+    if path.exists():
+        saved = json.loads(path.read_text())
+        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        if changed:
+            raise ValueError(
+                f"{out} holds runs made with other settings ({', '.join(changed)}: "
+                f"{[saved.get(k) for k in changed]} there, {[current.get(k) for k in changed]} "
+                "now); use another --out"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(current, indent=2) + "\n")
+
+
+def main(argv: list[str]) -> dict:
+    cfg = common.parse(StudyConfig(), argv)
+    out = pathlib.Path(cfg.out)
+    check_identity(cfg, out)
+    started = time.perf_counter()
+    seeds = range(cfg.seeds)
+    result: dict = {"config": dataclasses.asdict(cfg)}
+    if cfg.stage == "analysis":
+        per_seed = {}
+        for s in seeds:
+            model, _ = warm_policy(cfg, s, out / f"seed{s}")
+            t = time.perf_counter()
+            per_seed[s] = analyse(cfg, s, model, out / f"seed{s}")
+            print(f"seed {s} analysis: {per_seed[s]['responses_with_answer']} responses with an "
+                  f"answer, {time.perf_counter() - t:.0f} s", flush=True)  # fmt: skip
+        result["per_seed"] = per_seed
+        text = analysis_table(per_seed)
+    elif cfg.stage == "control":
+        rows = {}
+        for s in seeds:
+            _, worksheet = warm_policy(cfg, s, out / f"seed{s}")
+            _, answer_only = warm_policy(cfg, s, out / f"seed{s}", answer_only=True)
+            rows[s] = {"worksheet": worksheet, "answer_only": answer_only}
+            print(f"seed {s} control: answer-only greedy {answer_only['accuracy_greedy']:.3f}, "
+                  f"worksheet greedy {worksheet['accuracy_greedy']:.3f}", flush=True)  # fmt: skip
+        result["per_seed"] = rows
+        lines = [
+            f"held-out accuracy after {cfg.warmup.steps} warm-up steps ({cfg.seeds} seeds, mean ± "
+            f"SE); chance = 1/modulus = {1 / cfg.task.modulus:.3f}",
+            "| demonstrations | greedy | sampled |",
+            "|---|---|---|",
+        ]
+        for kind in ("answer_only", "worksheet"):
+            lines.append(f"| {kind} | {show(rows[s][kind]['accuracy_greedy'] for s in seeds)} | "
+                         f"{show(rows[s][kind]['accuracy_sampled'] for s in seeds)} |")  # fmt: skip
+        text = "\n".join(lines)
+    else:
+        arms = GATE_ARMS if cfg.stage == "gate" else cfg.arms
+        results, before = {}, {}
+        for s in seeds:
+            model, before[s] = warm_policy(cfg, s, out / f"seed{s}")
+            warm_params = nnx.state(model, nnx.Param)
+            for arm in arms:
+                results[(s, arm)] = r = run_arm(cfg, s, arm, warm_params, out / f"seed{s}")
+                print(f"seed {s} {arm:>24}: reward {r['reward_mean']:.3f}, greedy acc "
+                      f"{before[s]['accuracy_greedy']:.3f} -> {r['accuracy_greedy']:.3f}, "
+                      f"{r['wall_seconds']:.0f} s", flush=True)  # fmt: skip
+        result["runs"] = {f"seed{s}/{arm}": r for (s, arm), r in results.items()}
+        result["before"] = before
+        result["primary"] = {
+            arm: dict(
+                zip(
+                    ("mean", "se", "seeds"),
+                    mean_se(paired(results, arm, "reward_mean", seeds)),
+                    strict=True,
+                )
+            )
+            for arm in arms
+            if arm != "uniform"
+        }
+        text = arms_table(cfg, arms, results, before)
+    result["wall_seconds"] = time.perf_counter() - started
+    command = shlex.join(["python", "-m", "experiments.branches_study", *argv])
+    text += f"\n\nseeds {cfg.seeds}; wall time {result['wall_seconds']:.0f} s\ncommand: `{command}`"
+    result["command"] = command
+    common.write_result(out, cfg.stage, result, text)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
