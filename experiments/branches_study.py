@@ -29,8 +29,14 @@ arm of that seed starts from.
 Every finished run and analysis is saved as JSON under --out and reused when run again; the
 settings that define them are kept beside them, and a rerun under other settings is refused.
 Each stage prints and writes out/<stage>.md and out/<stage>.json.
-Measured on the 2-core development machine (shared with other jobs), defaults: see
-experiments/RESULTS.md.
+Cost at the defaults, measured on the 2-core development machine while other jobs shared it:
+warm-up 300 steps about 2 min per seed, one RL run (30 steps of 8 x 8, ~2.7 s a step, with its
+evaluation) about 1.8 min, `analysis` about 1 min per seed: `gate` with 8 seeds about 45-50 min.
+The default warm-up leaves the policy near chance (sampled accuracy 0.125 on seed 0 against
+1/modulus = 0.1): it learns the worksheet's letters and layout but not yet to copy the digits or
+to do the arithmetic. A 4-layer, 128-wide policy copies the digits after 500-800 steps (batch 16,
+lr 6e-3) and still has chance-level link values at 1000. Raise --warmup.steps (and
+--policy.hidden) for a policy that RL can improve, at a cost this default does not pay.
 """
 
 from __future__ import annotations
@@ -73,17 +79,17 @@ class StudyConfig:
     out: str = "runs/branches_study"
     seeds: int = 8
     task: BranchesConfig = BranchesConfig()
-    policy: common.PolicyConfig = common.PolicyConfig(layers=4, hidden=128, heads=4)
-    warmup: sft.SFTConfig = sft.SFTConfig(steps=600, batch_size=16, lr=6e-3, warmup_steps=50)
+    policy: common.PolicyConfig = common.PolicyConfig(layers=4, hidden=64, heads=4)
+    warmup: sft.SFTConfig = sft.SFTConfig(steps=300, batch_size=16, lr=6e-3, warmup_steps=30)
     arms: tuple[str, ...] = ARMS  # stage `arms`; stage `gate` runs GATE_ARMS
     plugins: tuple[str, ...] = ()  # .py files to import first (your own credit variants)
-    rl_steps: int = 40
+    rl_steps: int = 30
     prompts_per_step: int = 8
     group_size: int = 8
     lr: float = 1e-4
     temperature: float = 1.0
-    eval_prompts: int = 256
-    precision_responses: int = 64
+    eval_prompts: int = 128
+    precision_responses: int = 32
     analysis_responses: int = 128
     fraction: float = 0.4
     prompt_len: int | None = None  # None: the longest prompt the task can make
@@ -306,7 +312,7 @@ def causal(model, task, got, keep_B, chains_BxT) -> dict:
     tokens_BxT, answer_BxT = np.asarray(batch.tokens_BxT), np.asarray(batch.answer_mask_BxT)
     valid_BxT = np.asarray(batch.prompt_mask_BxT | batch.response_mask_BxT)
     rows = np.flatnonzero(keep_B)
-    row_M, kind_M, keys = [], [], []
+    masks = []  # (row among `rows`, kind, keys_T)
     for r, b in enumerate(rows):
         query = task.parse_prompt(got.prompts[b]).query
         spans = statements(chains_BxT[b], tokens_BxT[b])
@@ -317,16 +323,17 @@ def causal(model, task, got, keep_B, chains_BxT) -> dict:
             for kind in kinds:
                 mask_T = np.zeros(tokens_BxT.shape[1], bool)
                 mask_T[start:end] = True
-                row_M, kind_M, keys = row_M + [r], kind_M + [kind], keys + [mask_T]
-        for kind, on in (("whole queried chain", 0), ("all distractor chains", 1)):
+                masks.append((r, kind, mask_T))
+        for kind, queried in (("whole queried chain", True), ("all distractor chains", False)):
             mask_T = np.zeros(tokens_BxT.shape[1], bool)
             for chain, start, end in spans:
-                if (chain == 0) == (on == 0):
+                if (chain == 0) == queried:
                     mask_T[start:end] = True
             if mask_T.any():
-                row_M, kind_M, keys = row_M + [r], kind_M + [kind], keys + [mask_T]
-    if not row_M:
+                masks.append((r, kind, mask_T))
+    if not masks:
         return {}
+    row_M, kind_M, keys = zip(*masks, strict=True)
     changed_M = common.answer_changes(
         model, tokens_BxT[rows], valid_BxT[rows], answer_BxT[rows].argmax(-1),
         answer_BxT[rows].sum(-1), row_M, np.stack(keys),

