@@ -29,14 +29,17 @@ arm of that seed starts from.
 Every finished run and analysis is saved as JSON under --out and reused when run again; the
 settings that define them are kept beside them, and a rerun under other settings is refused.
 Each stage prints and writes out/<stage>.md and out/<stage>.json.
-Cost at the defaults, measured on the 2-core development machine while other jobs shared it:
-warm-up 300 steps about 2 min per seed, one RL run (30 steps of 8 x 8, ~2.7 s a step, with its
-evaluation) about 1.8 min, `analysis` about 1 min per seed: `gate` with 8 seeds about 45-50 min.
-The default warm-up leaves the policy near chance (sampled accuracy 0.125 on seed 0 against
-1/modulus = 0.1): it learns the worksheet's letters and layout but not yet to copy the digits or
-to do the arithmetic. A 4-layer, 128-wide policy copies the digits after 500-800 steps (batch 16,
-lr 6e-3) and still has chance-level link values at 1000. Raise --warmup.steps (and
---policy.hidden) for a policy that RL can improve, at a cost this default does not pay.
+Cost at the defaults on the 2-core development machine, quiet (and shared with other jobs):
+the warm-up 1 min (2 min) per seed, an RL step 1.45 s (2.7 s), so one 40-step RL run with its
+evaluation about 1.2 min (2.2 min), `analysis` 0.5 min (1.2 min) per seed; `gate` with 8 seeds
+about 30 min (55 min), extrapolated from one seed.
+The default warm-up leaves the policy near chance (seed 0: sampled accuracy 0.125, against
+1/modulus = 0.1), and masking any statement never changes its answer: it writes the worksheet's
+letters and layout but neither copies the digits nor does the arithmetic, so the answer does not
+go through the response. Longer warm-ups did not fix that: a 4-layer, 128-wide policy (batch 16,
+lr 6e-3) copies the digits after 500-800 steps, but after 3000 steps still writes chance-level
+link values and answers (sampled accuracy 0.117). Read `gate` results at these defaults with
+that in mind.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ class StudyConfig:
     warmup: sft.SFTConfig = sft.SFTConfig(steps=300, batch_size=16, lr=6e-3, warmup_steps=30)
     arms: tuple[str, ...] = ARMS  # stage `arms`; stage `gate` runs GATE_ARMS
     plugins: tuple[str, ...] = ()  # .py files to import first (your own credit variants)
-    rl_steps: int = 30
+    rl_steps: int = 40
     prompts_per_step: int = 8
     group_size: int = 8
     lr: float = 1e-4
@@ -124,11 +127,13 @@ class StudyConfig:
 
     def lengths(self) -> tuple[int, int]:
         """(prompt slots, response slots): the longest prompt and solver response (+ 4) of the
-        task, from its shape: root `a=N=?;`, link `c=a+N=?;`, statements `a=N=N;`, `c=a+N=N;`."""
+        task, from its shape: root `a=N=?;`, link `c=a+N=?;`, statements `a=N=N;`, `c=a+N=N;`
+        (`c=a+N=N+N=N;` when links substitute)."""
         t, digits = self.task, len(str(self.task.modulus - 1))
         roots, links = t.chains, t.chains * (t.chain_length - 1)
         prompt = 1 + roots * (5 + digits) + links * (7 + digits) + 2  # <bos> ... ?q
-        response = roots * (4 + 2 * digits) + links * (6 + 2 * digits) + 1 + digits + 1
+        link = 6 + 2 * digits + (2 + 2 * digits) * t.substitute
+        response = roots * (4 + 2 * digits) + links * link + 1 + digits + 1
         return self.prompt_len or prompt, self.max_new_tokens or response + 4
 
 

@@ -80,6 +80,27 @@ def test_solver_response_labels():
     assert [i for i, v in enumerate(TASK.value_labels(prompt(), response)) if v] == [10, 32]
 
 
+SUBSTITUTING = BranchesTask(BranchesConfig(chains=3, chain_length=2, substitute=True))
+
+
+def test_substituting_links_write_the_parent_value_and_label_it():
+    assert SUBSTITUTING.prompt_text(HAND) == TASK.prompt_text(HAND)
+    text = SUBSTITUTING.response_text(HAND)
+    assert text == "a=4=4;b=7=7;c=a+3=4+3=7;d=1=1;e=b-9=7-9=8;f=d+5=1+5=6;>8"
+    response = ids(text)
+    #     a=4=4;   b=7=7;   c=a+3=4+3=7;  d=1=1;   e=b-9=7-9=8;  f=d+5=1+5=6;  >8 <eos>
+    chains = [1] * 6 + [0] * 6 + [1] * 12 + [2] * 6 + [0] * 12 + [2] * 12 + [-1] * 3
+    assert SUBSTITUTING.chain_ids(prompt(), response) == chains
+    assert SUBSTITUTING.labels(prompt(), response) == [c == 0 for c in chains]
+    # b's value (10), then e's substituted parent value 7 (36) and its own value 8 (40).
+    assert [i for i, v in enumerate(SUBSTITUTING.value_labels(prompt(), response)) if v] == [
+        10, 36, 40
+    ]
+    assert SUBSTITUTING.score(prompt(), response)[0] == 1.0
+    # Both grammars are read either way; a half-substituted link is garbled.
+    assert SUBSTITUTING.labels(prompt(), ids("e=b-9=8;e=b-9=7-=8;")) == bits("1" * 8 + "0" * 12)
+
+
 def test_value_labels_cover_every_value_digit_and_follow_what_is_written():
     response = ids("b=7=17;a=4=14;>1")  # wrong values are labelled as written
     assert TASK.value_labels(prompt(), response) == bits("0000110" + "0000000" + "00" + "0")

@@ -39,15 +39,14 @@ import string
 import numpy as np
 
 from ftjax.tasks.chain import (
-    _DEFINITION,
-    _STATEMENT,
     OPS,
     Definition,
     Problem,
-    _shuffled_topological,
-    _text,
     dependency_chain,
     evaluation_order,
+    parse_worksheet,
+    response_chars,
+    shuffled_topological,
     values,
 )
 from ftjax.tasks.vocab import BOS, EOS, PAD, VOCAB
@@ -81,6 +80,7 @@ class BranchesConfig:
     modulus: int = 10  # values, roots and constants are in [0, modulus)
     ops: tuple[str, ...] = ("+", "-")  # operators of the links; `*` breaks the uniform answer
     answer_only: bool = False  # control: demonstrations are `>value<eos>` with no statements
+    substitute: bool = False  # links write the parent's value first: `c=a+3=4+3=7;`
     seed: int = 0
 
     def __post_init__(self):
@@ -115,11 +115,16 @@ def chain_index(problem: Problem) -> dict[str, int]:
     return {name: number[root] for name, root in root_of.items()}
 
 
+# chain.py's statement, or a link that writes its parent's value first (`c=a+3=4+3=7;`).
+_STATEMENT = re.compile(r"([a-z])=(?:\d+|[a-z][+\-*]\d+(?:=(\d+)[+\-*]\d+)?)=(\d+);")
+
+
 def _statements(text: str):
-    """(name, start, value start, end) of every well-formed statement (chain.py's grammar)."""
+    """(name, start, end, value spans) of every well-formed statement; the value spans are the
+    digits the statement works out: the parent's value it substitutes (if any) and its own."""
     for match in _STATEMENT.finditer(text):
-        value_start = text.rindex("=", match.start(), match.end()) + 1
-        yield match.group(1), match.start(), value_start, match.end()
+        spans = [match.span(g) for g in (2, 3) if match.start(g) >= 0]
+        yield match.group(1), match.start(), match.end(), spans
 
 
 class BranchesTask:
@@ -147,7 +152,7 @@ class BranchesTask:
             for parent, name in zip(chain, chain[1:], strict=False):
                 op = cfg.ops[int(rng.integers(len(cfg.ops)))]
                 definitions.append(Definition(name, int(rng.integers(cfg.modulus)), parent, op))
-        ordered = _shuffled_topological(definitions, rng)
+        ordered = shuffled_topological(definitions, rng)
         rename = {d.name: string.ascii_lowercase[k] for k, d in enumerate(ordered)}
         renamed = tuple(
             dataclasses.replace(
@@ -166,7 +171,12 @@ class BranchesTask:
         answer = f">{value[problem.query]}"
         if self.cfg.answer_only:
             return answer
-        return "".join(f"{d.text()}={value[d.name]};" for d in evaluation_order(problem)) + answer
+        return "".join(self._statement(d, value) for d in evaluation_order(problem)) + answer
+
+    def _statement(self, d: Definition, value: dict[str, int]) -> str:
+        if d.parent is None or not self.cfg.substitute:
+            return f"{d.text()}={value[d.name]};"
+        return f"{d.text()}={value[d.parent]}{d.op}{d.constant}={value[d.name]};"
 
     def prompts(self, start: int, count: int) -> list[list[int]]:
         return [
@@ -184,21 +194,7 @@ class BranchesTask:
         return pairs
 
     def parse_prompt(self, prompt: list[int]) -> Problem:
-        text = VOCAB.decode([t for t in prompt if t != BOS])
-        body, _, query = text.rpartition(";?")
-        definitions = []
-        for part in body.replace("=?", "").split(";"):
-            match = _DEFINITION.fullmatch(part)
-            if match is None:
-                raise ValueError(f"not a branches-task prompt: definition {part!r} in {text!r}")
-            name, root, parent, op, constant = match.groups()
-            if parent is None:
-                definitions.append(Definition(name, int(root)))
-            else:
-                definitions.append(Definition(name, int(constant), parent, op))
-        if len(query) != 1 or query not in {d.name for d in definitions}:
-            raise ValueError(f"not a branches-task prompt: query {query!r} in {text!r}")
-        problem = Problem(tuple(definitions), query)
+        problem = parse_worksheet(prompt, "branches")
         evaluation_order(problem)  # a missing parent or a cycle is a ValueError here
         return problem
 
@@ -207,7 +203,7 @@ class BranchesTask:
         span is the digits of v whenever the response ends with `>digits`, right or wrong."""
         problem = self.parse_prompt(prompt)
         span = [False] * len(response)
-        match = _ANSWER.search(_text(response))
+        match = _ANSWER.search(response_chars(response))
         if match is None:
             return 0.0, span
         for i in range(*match.span(1)):
@@ -220,18 +216,19 @@ class BranchesTask:
         they stand and whatever values they write (a garbled statement hides no later one)."""
         chain = dependency_chain(self.parse_prompt(prompt))
         labels = [False] * len(response)
-        for name, start, _, end in _statements(_text(response)):
+        for name, start, end, _ in _statements(response_chars(response)):
             if name in chain:
                 labels[start:end] = [True] * (end - start)
         return labels
 
     def value_labels(self, prompt: list[int], response: list[int]) -> list[bool]:
-        """True only on the value digits (after the last `=`) of the statements `labels` marks."""
+        """True only on the value digits of the statements `labels` marks: the value after the
+        last `=` and, for a link that substitutes, its parent's value."""
         chain = dependency_chain(self.parse_prompt(prompt))
         labels = [False] * len(response)
-        for name, _, value_start, end in _statements(_text(response)):
-            if name in chain:
-                labels[value_start : end - 1] = [True] * (end - 1 - value_start)
+        for name, _, _, spans in _statements(response_chars(response)):
+            for a, b in spans if name in chain else ():
+                labels[a:b] = [True] * (b - a)
         return labels
 
     def chain_ids(self, prompt: list[int], response: list[int]) -> list[int]:
@@ -239,13 +236,13 @@ class BranchesTask:
         (also for a statement of a variable the prompt does not define)."""
         chain_of = chain_index(self.parse_prompt(prompt))
         ids = [-1] * len(response)
-        for name, start, _, end in _statements(_text(response)):
+        for name, start, end, _ in _statements(response_chars(response)):
             ids[start:end] = [chain_of.get(name, -1)] * (end - start)
         return ids
 
     def roles(self, prompt: list[int], response: list[int]) -> list[int]:
         """Per token: its `Role` code, by character (tokens from <eos> on are OTHER)."""
         self.parse_prompt(prompt)  # the same prompt check as the other labels
-        text = _text(response)
+        text = response_chars(response)
         roles = [int(_ROLE_OF_CHARACTER.get(c, Role.OTHER)) for c in text]
         return roles + [int(Role.OTHER)] * (len(response) - len(text))

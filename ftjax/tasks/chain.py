@@ -31,7 +31,7 @@ import numpy as np
 from ftjax.tasks.vocab import BOS, EOS, PAD, VOCAB
 
 OPS = ("+", "-", "*")
-_DEFINITION = re.compile(r"([a-z])=(?:(\d+)|([a-z])([+\-*])(\d+))")
+DEFINITION = re.compile(r"([a-z])=(?:(\d+)|([a-z])([+\-*])(\d+))")
 _STATEMENT = re.compile(r"([a-z])=(?:\d+|[a-z][+\-*]\d+)=\d+;")
 
 
@@ -41,10 +41,8 @@ class ChainConfig:
     distractors: int = 2  # variables off the chain
     modulus: int = 10  # values are in [0, modulus)
     ops: tuple[str, ...] = OPS  # operators of dependent definitions
-    max_constant: int | None = (
-        None  # constants of dependent definitions are 1..this (None: modulus - 1)
-    )
-    seed: int = 0
+    max_constant: int | None = None  # dependent definitions' constants: 1..this (None: modulus - 1)
+    seed: int = 0  # problem i depends on (seed, i) alone
 
     def __post_init__(self):
         if not 1 <= self.chain_length <= 26:
@@ -135,7 +133,7 @@ def dependency_chain(problem: Problem) -> set[str]:
     return chain
 
 
-def _shuffled_topological(definitions: list[Definition], rng) -> tuple[Definition, ...]:
+def shuffled_topological(definitions: list[Definition], rng) -> tuple[Definition, ...]:
     """A uniformly random choice among the ready definitions at every position: chain links and
     distractors interleave at random, and every variable is defined after its parent."""
     known, pending, order = set(), list(definitions), []
@@ -148,13 +146,33 @@ def _shuffled_topological(definitions: list[Definition], rng) -> tuple[Definitio
     return tuple(order)
 
 
-def _text(response: list[int]) -> str:
+def response_chars(response: list[int]) -> str:
     """The response up to <eos>, one character per token (other specials become NUL), so that
     character positions are token positions."""
     end = response.index(EOS) if EOS in response else len(response)
     return "".join(
         "\0" if s.startswith("<") and len(s) > 1 else s for s in VOCAB.token_strings(response[:end])
     )
+
+
+def parse_worksheet(prompt: list[int], task: str) -> Problem:
+    """The Problem of a worksheet prompt `<bos>a=4=?;c=a+3=?;...?q`; ValueError naming `task`
+    when the prompt is not one."""
+    text = VOCAB.decode([t for t in prompt if t != BOS])
+    body, _, query = text.rpartition(";?")
+    definitions = []
+    for part in body.replace("=?", "").split(";"):
+        match = DEFINITION.fullmatch(part)
+        if match is None:
+            raise ValueError(f"not a {task}-task prompt: definition {part!r} in {text!r}")
+        name, root, parent, op, constant = match.groups()
+        if parent is None:
+            definitions.append(Definition(name, int(root)))
+        else:
+            definitions.append(Definition(name, int(constant), parent, op))
+    if len(query) != 1 or query not in {d.name for d in definitions}:
+        raise ValueError(f"not a {task}-task prompt: query {query!r} in {text!r}")
+    return Problem(tuple(definitions), query)
 
 
 class ChainTask:
@@ -185,7 +203,7 @@ class ChainTask:
             else:
                 top = cfg.max_constant or cfg.modulus - 1
                 definitions.append(Definition(name, int(rng.integers(1, top + 1)), parent, op))
-        ordered = _shuffled_topological(definitions, rng)
+        ordered = shuffled_topological(definitions, rng)
         # Names follow prompt order (a, b, c, ...): the response's statement k is about the
         # prompt's definition k, so the task is the values, not finding the next name.
         rename = {d.name: string.ascii_lowercase[k] for k, d in enumerate(ordered)}
@@ -221,27 +239,12 @@ class ChainTask:
         return pairs
 
     def parse_prompt(self, prompt: list[int]) -> Problem:
-        text = VOCAB.decode([t for t in prompt if t != BOS])
-        body, _, query = text.rpartition(";?")
-        body = body.replace("=?", "")
-        definitions = []
-        for part in body.split(";"):
-            match = _DEFINITION.fullmatch(part)
-            if match is None:
-                raise ValueError(f"not a chain-task prompt: definition {part!r} in {text!r}")
-            name, root, parent, op, constant = match.groups()
-            if parent is None:
-                definitions.append(Definition(name, int(root)))
-            else:
-                definitions.append(Definition(name, int(constant), parent, op))
-        if len(query) != 1 or query not in {d.name for d in definitions}:
-            raise ValueError(f"not a chain-task prompt: query {query!r} in {text!r}")
-        return Problem(tuple(definitions), query)
+        return parse_worksheet(prompt, "chain")
 
     def _answer(self, response: list[int]) -> tuple[str, int, int] | None:
         """(text, answer start, answer end) in token positions, when the response has `>digits`
         right before its end (<eos> or the last token)."""
-        text = _text(response)
+        text = response_chars(response)
         match = re.search(r">(\d+)$", text)
         if match is None:
             return None
@@ -266,7 +269,7 @@ class ChainTask:
         they stand in the response (a garbled statement does not hide the ones after it)."""
         problem = self.parse_prompt(prompt)
         chain = dependency_chain(problem)
-        text = _text(response)
+        text = response_chars(response)
         labels = [False] * len(response)
         for match in _STATEMENT.finditer(text):
             if match.group(1) in chain:
