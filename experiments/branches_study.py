@@ -3,10 +3,10 @@
     python -m experiments.branches_study --stage analysis|gate|arms|control [--seeds 8]
         [--out runs/branches_study] [--arms uniform,oracle,flowtracer] [--rl_steps 60]
 
-Task: `ftjax/tasks/branches.py` (K = 3 chains of 3 variables, one queried, mod 10, + and -).
-Policy: the 4-layer `common.PolicyConfig`. Per seed s (task seed s, policy init seed s): ONE
-supervised warm-up on solver traces (out/seed{s}/warmup, reused when present) that every stage and
-arm of that seed starts from.
+Task: `ftjax/tasks/branches.py`, K = 3 chains of 2 variables (a root and one link), one queried,
+mod 5, + and -, links that substitute their parent's value (`c=a+3=4+3=2;`). Policy: 4 layers,
+128 wide. Per seed s (task seed s, policy init seed s): ONE supervised warm-up on solver traces
+(out/seed{s}/warmup, reused when present) that every stage and arm of that seed starts from.
 
 - `analysis` (the warm-up policy, no RL): on `analysis_responses` sampled held-out responses with
   an answer, each score (flow throughput tau, the three point-wise attention scores, next-token
@@ -29,17 +29,15 @@ arm of that seed starts from.
 Every finished run and analysis is saved as JSON under --out and reused when run again; the
 settings that define them are kept beside them, and a rerun under other settings is refused.
 Each stage prints and writes out/<stage>.md and out/<stage>.json.
-Cost at the defaults on the 2-core development machine, quiet (and shared with other jobs):
-the warm-up 1 min (2 min) per seed, an RL step 1.45 s (2.7 s), so one 40-step RL run with its
-evaluation about 1.2 min (2.2 min), `analysis` 0.5 min (1.2 min) per seed; `gate` with 8 seeds
-about 30 min (55 min), extrapolated from one seed.
-The default warm-up leaves the policy near chance (seed 0: sampled accuracy 0.125, against
-1/modulus = 0.1), and masking any statement never changes its answer: it writes the worksheet's
-letters and layout but neither copies the digits nor does the arithmetic, so the answer does not
-go through the response. Longer warm-ups did not fix that: a 4-layer, 128-wide policy (batch 16,
-lr 6e-3) copies the digits after 500-800 steps, but after 3000 steps still writes chance-level
-link values and answers (sampled accuracy 0.117). Read `gate` results at these defaults with
-that in mind.
+The defaults were fixed from warm-up accuracy alone, before any RL run (experiments/RESULTS.md,
+"Dead-end branches: calibrating the warm-up"): tiny policies first learn the worksheet's layout,
+then to copy digits, then the arithmetic. At K = 3, L = 3 or 2, mod 10, a 4-layer 64-wide policy
+copied no digit after 800 steps (batch 16) and a 128-wide one (batch 32, 600 steps) copied them
+but did no arithmetic: held-out accuracy stayed at chance (0.09-0.13 against 0.1). At these
+defaults (mod 5, 800 steps of batch 32) seed 0's warm-up copies every number (teacher-forced
+0.96-1.0) but not the operator (0.51) and gets 0.29 of the link values: held-out accuracy 0.31
+greedy, 0.29 sampled, against chance 0.2, so RL has room. The warm-up took 26 min on the 2-core
+machine under heavy load from other jobs (about 6 min quiet, by its step rate alone).
 """
 
 from __future__ import annotations
@@ -81,9 +79,9 @@ class StudyConfig:
     stage: str = "gate"
     out: str = "runs/branches_study"
     seeds: int = 8
-    task: BranchesConfig = BranchesConfig()
-    policy: common.PolicyConfig = common.PolicyConfig(layers=4, hidden=64, heads=4)
-    warmup: sft.SFTConfig = sft.SFTConfig(steps=300, batch_size=16, lr=6e-3, warmup_steps=30)
+    task: BranchesConfig = BranchesConfig(chain_length=2, modulus=5, substitute=True)
+    policy: common.PolicyConfig = common.PolicyConfig(layers=4, hidden=128, heads=4)
+    warmup: sft.SFTConfig = sft.SFTConfig(steps=800, batch_size=32, lr=3e-3, warmup_steps=80)
     arms: tuple[str, ...] = ARMS  # stage `arms`; stage `gate` runs GATE_ARMS
     plugins: tuple[str, ...] = ()  # .py files to import first (your own credit variants)
     rl_steps: int = 40
