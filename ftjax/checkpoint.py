@@ -6,6 +6,13 @@ state is, so a policy is restored from either without guessing. Orbax writes
 into a temporary directory and renames it when complete, so a crash or SIGKILL mid-write leaves the
 previous checkpoint as the latest loadable one. A state with a non-finite value is never written.
 
+Saves are asynchronous (Orbax's async checkpointing): `save` returns once the state is copied to
+host memory, and the write, the rename and the deletion of old checkpoints continue on a
+background thread while training goes on. The next `save`, every read through the same
+`Checkpointer`, `wait` and `close` first wait for it to finish (and raise if it failed); so does
+the interpreter at exit (the writer threads are not daemons). A SIGKILL mid-write leaves a
+temporary directory that is never listed, exactly as with a blocking save.
+
 Every saved array's checksum is stored in the record and verified on restore: a damaged,
 truncated or incomplete checkpoint is reported in one line and `restore_intact` falls back to the
 newest one that verifies, moving the damaged one aside (`damaged_checkpoints/` next to the
@@ -20,9 +27,11 @@ create, finalise (rename) and delete checkpoint directories.
 
 from __future__ import annotations
 
+import concurrent.futures.thread  # noqa: F401 (registers its exit hook before ours: see below)
 import pathlib
 import shutil
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -50,23 +59,35 @@ def _bits_u32(x):
 
 
 @jax.jit
-def _checksums(tree):
+def _summaries(leaves):
+    """[leaf, 3]: each leaf's plain and position-weighted uint32 sums of its bits, and whether
+    every value is finite (1 or 0). One array, so the host fetches it in one transfer."""
+
     def one(x):
         bits = _bits_u32(x).reshape(-1)
         weight = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
         plain, weighted = jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weight, dtype=jnp.uint32)
-        return jnp.stack([plain, weighted])
+        x = jnp.asarray(x)
+        finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else True
+        return jnp.stack([plain, weighted, jnp.asarray(finite, jnp.uint32)])
 
-    return jax.tree.map(one, tree)
+    return jnp.stack([one(x) for x in leaves])
+
+
+def summaries(state) -> tuple[dict[str, list[int]], list[str]]:
+    """(`checksums(state)`, the paths of leaves holding a non-finite value), in one device sync."""
+    if not jax.tree.leaves(state):
+        return {}, []
+    paths, leaves = zip(*jax.tree_util.tree_leaves_with_path(state), strict=True)
+    rows = jax.device_get(_summaries(list(leaves))).tolist()
+    names = [jax.tree_util.keystr(path) for path in paths]
+    bad = [name for name, row in zip(names, rows, strict=True) if not row[2]]
+    return {name: row[:2] for name, row in zip(names, rows, strict=True)}, bad
 
 
 def checksums(state) -> dict[str, list[int]]:
     """Leaf path -> [sum of bits, position-weighted sum of bits], each mod 2^32."""
-    sums = jax.device_get(_checksums(state))
-    return {
-        jax.tree_util.keystr(path): [int(v) for v in leaf]
-        for path, leaf in jax.tree_util.tree_leaves_with_path(sums)
-    }
+    return summaries(state)[0]
 
 
 def _first_line(error: BaseException) -> str:
@@ -75,35 +96,82 @@ def _first_line(error: BaseException) -> str:
     return line if len(line) <= 160 else line[:157] + "..."
 
 
+_PENDING: set[Checkpointer] = set()  # those whose last save may still be writing
+
+
+def _finish_pending_saves() -> None:
+    """Wait for every pending save. Runs when the main thread ends, before the interpreter shuts
+    the thread pools the writers use (which would fail a write still running), so a process that
+    ends without `close` still finishes its last checkpoint."""
+    for checkpointer in list(_PENDING):
+        try:
+            checkpointer.wait()
+        except Exception as error:  # at exit there is no caller left to raise to
+            print(f"at exit: {_first_line(error)}", file=sys.stderr, flush=True)
+
+
+# CPython's hook for "before joining threads" (what concurrent.futures uses to shut its pools);
+# hooks run in reverse order of registration, so ours, registered after that module's, runs first.
+threading._register_atexit(_finish_pending_saves)
+
+
 class Checkpointer:
-    def __init__(self, directory: str | pathlib.Path, keep: int = 3):
+    """`async_save=False` makes every `save` block until its checkpoint is on disk."""
+
+    def __init__(self, directory: str | pathlib.Path, keep: int = 3, async_save: bool = True):
         if not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep must be an int >= 1, got {keep!r}")
         self.directory = pathlib.Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        # Every array is copied to host memory before `save` returns (Orbax's default with no
+        # device-to-host byte limit), so the train step may donate and overwrite the state.
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+        )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._pending: int | None = None  # the step whose write may still be running
 
     def save(self, step: int, state, meta: dict[str, Any]) -> None:
-        """Write `state` and `meta` (JSON-serialisable, plus the state's checksums) as checkpoint
-        `step`; blocks until done."""
-        bad = [
-            jax.tree_util.keystr(path)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(state)
-            if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
-            and not bool(jnp.all(jnp.isfinite(leaf)))
-        ]
+        """Start writing `state` and `meta` (JSON-serialisable, plus the state's checksums) as
+        checkpoint `step`, after the previous save has finished; returns once the state is copied
+        to host memory (see the module docstring)."""
+        sums, bad = summaries(state)
         if bad:
             raise ValueError(f"refusing to checkpoint a state with non-finite values in {bad[:5]}")
-        meta = {**meta, "checksums": checksums(state)}
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        self.wait()
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            meta=ocp.args.JsonSave({**meta, "checksums": sums}),
+        )
         self._manager.save(step, args=args, force=True)
-        self._manager.wait_until_finished()
+        self._pending = step
+        _PENDING.add(self)
+
+    def wait(self) -> None:
+        """Block until the pending save (if any) is on disk; raise if it failed (the previous
+        checkpoint is then still the latest)."""
+        step, self._pending = self._pending, None
+        _PENDING.discard(self)
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:
+            raise RuntimeError(
+                f"checkpoint {step} in {self.directory} failed to write ({_first_line(error)})"
+            ) from error
+        if step is not None:  # a write that failed in a way Orbax only logs is left unlisted
+            self._manager.reload()
+            steps = self._manager.all_steps()
+            if step not in steps and not any(s > step for s in steps):  # (not pruned by `keep`)
+                raise RuntimeError(
+                    f"checkpoint {step} in {self.directory} failed to write (see the log above)"
+                )
 
     def latest_step(self) -> int | None:
+        self.wait()
         self._manager.reload()
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
+        self.wait()
         self._manager.reload()
         return list(self._manager.all_steps())
 
@@ -121,6 +189,20 @@ class Checkpointer:
         """The JSON record of checkpoint `step` (default: the latest complete one), alone."""
         record = self._record(self._check_step(step))
         return {k: v for k, v in record.items() if k != "checksums"}
+
+    def array_dtypes(self, step: int | None = None) -> dict[str, str]:
+        """Dotted name (`params.layers.0.mlp.up_proj.kernel.value`) -> dtype of every array of
+        checkpoint `step` (default: the latest complete one), from Orbax's metadata: no array
+        is read. What a restore target needs to match before the arrays are read."""
+        step = self._check_step(step)
+        try:
+            tree = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+            return {leaf.name: str(leaf.dtype) for leaf in jax.tree.leaves(tree)}
+        except Exception as error:  # as in `_record`
+            raise CheckpointDamagedError(
+                f"checkpoint {step} in {self.directory}: its array metadata is unreadable "
+                f"({_first_line(error)})"
+            ) from None
 
     def _record(self, step: int) -> dict[str, Any]:
         try:
@@ -189,4 +271,8 @@ class Checkpointer:
         self._manager.reload()
 
     def close(self) -> None:
-        self._manager.close()
+        """Wait for the pending save (raising if it failed), then release Orbax's resources."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()

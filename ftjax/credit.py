@@ -75,7 +75,7 @@ class CreditConfig:
     block_size: FlowTracer's triangular-solve block (speed only; results do not depend on it).
     """
 
-    name: str = "flowtracer"
+    name: str = "flowtracer"  # a registered credit variant (--plugins adds your own)
     top_fraction: float = 0.4
     gamma: float = 1.5
     select_fraction: float = 0.2

@@ -78,14 +78,14 @@ class EvalConfig:
     """Held-out metrics over the first `problems` prompts of a task: pass@1 by greedy decoding,
     avg@k (mean reward of k samples at `temperature`) and pass@k."""
 
-    problems: int = 64
-    k: int = 4
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
+    problems: int = 64  # the first this many prompts of the task
+    k: int = 4  # samples per problem for avg@k and pass@k
+    temperature: float = 1.0  # of the k samples (pass@1 is greedy)
+    top_p: float = 1.0  # nucleus sampling mass; 1 means no truncation
+    max_new_tokens: int = 256  # response slots
     prompt_len: int = 256  # prompt slots; longer prompts are reported and left out
     chunk: int = 16  # problems per generate call
-    seed: int = 0
+    seed: int = 0  # sampling
 
     def __post_init__(self):
         for name in ("problems", "k", "max_new_tokens", "prompt_len", "chunk"):

@@ -15,7 +15,9 @@ batch; each epoch then walks the minibatches in order, each a contiguous block o
 With `kl_coef > 0` the reference policy is a frozen copy of `model`'s parameters as passed in (the
 start of training, also on resume), and its log-probs are computed with the rollout batch. A
 credit variant that reads ground-truth labels (`oracle`) gets them from `task.labels` for every
-row (`train.needs_labels`); a task without `labels` is refused before any work.
+row (`train.needs_labels`); a task without `labels` is refused before any work. With
+`log_completions_every`, the steps that log write their completions with per-token credit
+(`ftjax.completions`).
 """
 
 from __future__ import annotations
@@ -32,24 +34,29 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ftjax import checkpoint, multihost, rollout, rundir, sampling, sharding, train
+from ftjax import checkpoint, completions, multihost, rollout, rundir, sampling, sharding, train
 from ftjax.checkpoint import Checkpointer
-from ftjax.logging import MetricsLogger, scalars
+from ftjax.logging import MetricsLogger, WandbConfig, scalars
 
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
-    steps: int = 100
-    prompts_per_step: int = 8
+    steps: int = 100  # RL steps (rollout batches)
+    prompts_per_step: int = 8  # prompts per rollout batch, each sampled group_size times
     prompt_len: int = 32  # prompt slots; shorter prompts are left-padded
     sampling: sampling.SamplingConfig = sampling.SamplingConfig()
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 3
-    seed: int = 0
+    checkpoint_every: int = 50  # steps between checkpoints (and after the last)
+    keep_checkpoints: int = 3  # the latest this many are kept
+    seed: int = 0  # random keys of the train state and of sampling
     mesh: sharding.MeshConfig = sharding.MeshConfig()
-    progress: bool = True
+    progress: bool = True  # a progress bar on stderr
     epochs: int = 1  # optimisation passes over each rollout batch
     minibatches: int = 1  # optimizer updates per pass; each takes prompts_per_step / minibatches
+    # Write the step's completions (text, reward, answer span, gamma and tau per token) to
+    # completions.jsonl and completions/step_N.html every this many steps and at each
+    # evaluation (`ftjax.completions`; one extra forward pass then); 0: never.
+    log_completions_every: int = 0
+    wandb: WandbConfig = WandbConfig()  # Weights & Biases logging, off by default
 
     def __post_init__(self):
         for name in (
@@ -62,6 +69,10 @@ class LoopConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"LoopConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.log_completions_every < 0:
+            raise ValueError(
+                f"LoopConfig.log_completions_every must be >= 0, got {self.log_completions_every}"
+            )
         if self.prompts_per_step % self.minibatches:
             raise ValueError(
                 f"LoopConfig.minibatches ({self.minibatches}) must divide prompts_per_step "
@@ -266,11 +277,25 @@ def _train(task, step_cfg, cfg, run_dir, evaluation, checkpoints, placed: _Place
     graphdef, state, updates, mesh, start, current = placed
     rows = rollout.ProcessRows.of(cfg.prompts_per_step, step_cfg.group_size, mesh)
     sample_key = jax.random.PRNGKey(cfg.seed + 1)
-    logger = (
-        MetricsLogger(run_dir, total_steps=cfg.steps, initial_step=start, progress=cfg.progress)
-        if multihost.is_main()
-        else None
-    )
+    logger = None
+    if multihost.is_main():
+        logger = MetricsLogger(
+            run_dir,
+            cfg.steps,
+            initial_step=start,
+            progress=cfg.progress,
+            wandb=cfg.wandb,
+            config={key: json.loads(value) for key, value in current.items()},
+        )
+    probe = None  # gamma and tau per token for the completions the step logs
+    if cfg.log_completions_every:
+        shapes = rollout.batch_like(
+            cfg.prompts_per_step * step_cfg.group_size,
+            cfg.prompt_len + cfg.sampling.max_new_tokens,
+            reference=updates.reference is not None,
+            labels=train.needs_labels(step_cfg),
+        )
+        probe = completions.make_credit_tokens(graphdef, state, shapes, step_cfg, mesh)
     history = {}
     try:
         for step in range(start, cfg.steps):
@@ -283,16 +308,30 @@ def _train(task, step_cfg, cfg, run_dir, evaluation, checkpoints, placed: _Place
             if updates.reference is not None:
                 batch = dataclasses.replace(batch, ref_log_probs_BxT=updates.reference(batch))
             rolled = time.perf_counter()
+            evaluating = evaluation is not None and evaluation.due(step + 1, cfg.steps)
+            credit_BxT = None
+            if probe is not None and completions.due(
+                step + 1, cfg.log_completions_every, evaluating
+            ):
+                credit_BxT = jax.block_until_ready(probe(state, batch))  # the step donates state
+            probed = time.perf_counter()
             state, metrics = updates.apply(state, batch, cfg)
             stepped = time.perf_counter()
-            if evaluation is not None and evaluation.due(step + 1, cfg.steps):
+            if evaluating:
                 metrics = {**metrics, **evaluation.fn(nnx.merge(graphdef, state.params), step + 1)}
+            if credit_BxT is not None and logger is not None:  # process 0 writes its rows
+                written = time.perf_counter()
+                shown = completions.host_records(task, step, batch, *credit_BxT, mesh)
+                completions.write(run_dir, step, shown)
+                logger.log_completions(step, shown)
+                written = time.perf_counter() - written
+                metrics = {**metrics, "time/completions_s": probed - rolled + written}
             history[step] = scalars(
                 {
                     **metrics,
                     "response_length": response_length,
                     "time/rollout_s": rolled - started,
-                    "time/step_s": stepped - rolled,
+                    "time/step_s": stepped - probed,
                 }
             )
             if logger is not None:
@@ -304,6 +343,8 @@ def _train(task, step_cfg, cfg, run_dir, evaluation, checkpoints, placed: _Place
                 )
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                 meta = {"step": step + 1, "kind": checkpoint.TRAIN_STATE, "identity": current}
+                # Returns once the state is in host memory; Orbax writes it while the next steps
+                # run, and `checkpoints.close()` (in `_run`) waits for the last write.
                 checkpoints.save(step + 1, state, meta)
     finally:
         if logger is not None:

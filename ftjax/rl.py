@@ -35,12 +35,12 @@ class LossConfig:
 
     clip_low: float = 0.2
     clip_high: float = 0.2
-    aggregation: str = "token-mean"
+    aggregation: str = "token-mean"  # token-mean, seq-mean-token-mean or constant
     max_tokens: int | None = None  # the "constant" normaliser; None: the batch's T
     scale_advantages: bool = True
     kl_coef: float = 0.0
-    kl_estimator: str = "k3"
-    std_eps: float = 1e-6
+    kl_estimator: str = "k3"  # k1 or k3 (Schulman's estimators)
+    std_eps: float = 1e-6  # added to the group std before dividing
 
     def __post_init__(self):
         if self.aggregation not in AGGREGATIONS:

@@ -34,6 +34,9 @@ class Task(Protocol):
 
     # Optional: `labels(prompt, response) -> list[bool] | None`, the response tokens that are
     # essential (ground truth; None: not known). Evaluation and the `oracle` credit read it.
+    # Optional: `score_batch(prompts, responses) -> [(reward, span)]`, `score` of many rows in
+    # one call (a reward function that batches sees the whole rollout); `token_strings(ids) ->
+    # list[str]`, each token's text, for logged completions (`ftjax.completions`).
 
 
 def check_labels(task: Task, reader: str) -> None:
@@ -43,6 +46,20 @@ def check_labels(task: Task, reader: str) -> None:
             f"{reader} reads ground-truth labels, but task {type(task).__name__} has no "
             "`labels(prompt, response)` method"
         )
+
+
+def score_rows(task: Task, prompts, responses) -> list[tuple[float, list[bool]]]:
+    """`task.score` of each (prompt, response), in one `task.score_batch` call when it has one."""
+    batched = getattr(task, "score_batch", None)
+    if not callable(batched):
+        return [task.score(p, r) for p, r in zip(prompts, responses, strict=True)]
+    scored = list(batched(prompts, responses))
+    if len(scored) != len(responses):
+        raise ValueError(
+            f"task {type(task).__name__} score_batch gave {len(scored)} results for "
+            f"{len(responses)} responses"
+        )
+    return scored
 
 
 def _labels(task: Task, prompt, response) -> list[bool]:
@@ -109,9 +126,10 @@ def rollout_batch(
     answer_BxN = np.zeros((B, N), bool)
     labels_BxN = np.zeros((B, N), bool)
     rewards_B = np.zeros(B, np.float32)
-    for b in range(B):
-        response = tokens_BxN[b, : lengths_B[b]].tolist()
-        reward, span = task.score(prompts[b // group_size], response)
+    responses = [tokens_BxN[b, : lengths_B[b]].tolist() for b in range(B)]
+    row_prompts = [prompts[b // group_size] for b in range(B)]
+    for b, (reward, span) in enumerate(score_rows(task, row_prompts, responses)):
+        response = responses[b]
         if len(span) != len(response):
             raise ValueError(
                 f"task answer span has {len(span)} entries for a response of {len(response)} tokens"

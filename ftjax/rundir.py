@@ -32,6 +32,8 @@ VOLATILE = (
     "loop.checkpoint_every",
     "loop.keep_checkpoints",
     "loop.progress",
+    "loop.log_completions_every",
+    "loop.wandb.",
     "loop.mesh.",  # the same update on another slice; sharded == single-device is tested
     # where a step's memory goes, not what it computes (tests/test_microbatch.py): so a run can
     # resume on a smaller slice with smaller micro-batches (the `random` control credit then

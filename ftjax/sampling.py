@@ -22,12 +22,12 @@ from ftjax.models.transformer import KVCache, Transformer
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    max_new_tokens: int = 64
+    max_new_tokens: int = 64  # response slots
     temperature: float = 1.0  # 0 means greedy
     top_k: int = 0  # 0 means no top-k truncation
-    top_p: float = 1.0
-    eos_ids: tuple[int, ...] = ()
-    pad_id: int = 0
+    top_p: float = 1.0  # nucleus sampling mass; 1 means no truncation
+    eos_ids: tuple[int, ...] = ()  # tokens that end a response (experiments set them)
+    pad_id: int = 0  # token after a response's end (experiments set it)
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:

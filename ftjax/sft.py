@@ -24,12 +24,12 @@ from ftjax.rollout import left_pad
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
-    steps: int = 500
-    batch_size: int = 64
-    lr: float = 3e-3
-    warmup_steps: int = 50
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    steps: int = 500  # supervised steps on the task's solver traces
+    batch_size: int = 64  # demonstrations per step
+    lr: float = 3e-3  # peak of the warm-up then cosine-decay schedule
+    warmup_steps: int = 50  # linear ramp to lr
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    grad_clip: float = 1.0  # gradients clipped to this global norm
 
     def __post_init__(self):
         for name in ("steps", "batch_size"):

@@ -41,12 +41,15 @@ class TokenSample:
     answer: list[bool]  # answer span (the flow sink)
     essential: list[bool] | None = None  # ground-truth labels when the task has them
     reward: float | None = None
+    gamma: list[float] | None = None  # the credit's weight per response token, shown on hover
 
     def __post_init__(self):
         T = len(self.response_tokens)
         fields = {"throughput": self.throughput, "selected": self.selected, "answer": self.answer}
         if self.essential is not None:
             fields["essential"] = self.essential
+        if self.gamma is not None:
+            fields["gamma"] = self.gamma
         for name, values in fields.items():
             if len(values) != T:
                 raise ValueError(
@@ -99,11 +102,13 @@ body{font-family:sans-serif;margin:1.5em;max-width:70em}
 """
 
 
-def credit_html(samples: list[TokenSample], title: str) -> str:
-    """A self-contained HTML page (inline CSS, no JS) showing each sample's per-token credit."""
+def credit_html(samples: list[TokenSample], title: str, shade: str = "tau") -> str:
+    """A self-contained HTML page (inline CSS, no JS) showing each sample's per-token credit.
+    `shade` names what `throughput` holds (tau; "gamma" where a credit variant computes no
+    tau)."""
     esc = html.escape
     legend = (
-        '<div class="legend">Background: tau / max tau of the sample, '
+        f'<div class="legend">Background: {esc(shade)} / max {esc(shade)} of the sample, '
         f'<span class="key" style="background:{_hex(0.0)};border:1px solid #ccc">0</span> to '
         f'<span class="key" style="background:{_hex(1.0)}">1</span>; '
         '<span class="key sel">underlined</span>: selected (gamma &gt; 1); '
@@ -121,7 +126,10 @@ def credit_html(samples: list[TokenSample], title: str) -> str:
                 parts.append('<span class="answer">' if ans else "</span>")
                 in_answer = ans
             classes = " ".join(["tok", *_flags(sel, ess, ans, names=("sel", "ess", "ans"))])
-            tip = " ".join([f"tau={float(sample.throughput[t]):.3f}", *_flags(sel, ess, ans)])
+            values = [f"{shade}={float(sample.throughput[t]):.3f}"]
+            if sample.gamma is not None and shade != "gamma":
+                values.append(f"gamma={float(sample.gamma[t]):.3f}")
+            tip = " ".join([*values, *_flags(sel, ess, ans)])
             parts.append(
                 f'<span class="{classes}" style="background:{_hex(level_T[t])}" '
                 f'title="{esc(tip)}">{esc(token)}</span>'
@@ -142,10 +150,12 @@ def credit_html(samples: list[TokenSample], title: str) -> str:
     )
 
 
-def write_credit_html(path, samples: list[TokenSample], title: str) -> pathlib.Path:
+def write_credit_html(
+    path, samples: list[TokenSample], title: str, shade: str = "tau"
+) -> pathlib.Path:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(credit_html(samples, title), encoding="utf-8")
+    path.write_text(credit_html(samples, title, shade), encoding="utf-8")
     return path
 
 

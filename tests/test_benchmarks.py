@@ -1,6 +1,7 @@
 """The benchmark scripts still run (tiny sizes; they time nothing here, they only must not rot)."""
 
 import json
+import pathlib
 import re
 
 import jax
@@ -8,7 +9,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from benchmarks import bench_capture, bench_flow, bench_step, bench_vs_trl, plan_memory
+from benchmarks import (
+    bench_capture,
+    bench_flow,
+    bench_step,
+    bench_vs_trl,
+    bench_vs_tunix,
+    plan_memory,
+)
 from ftjax import rollout, sharding, train
 from ftjax.models import config, transformer
 
@@ -133,3 +141,90 @@ def test_bench_vs_trl_trl_side_runs(tmp_path):
     pytest.importorskip("trl")
     bench_vs_trl.build_checkpoint(TINY_GRPO, tmp_path / "model")
     check_grpo_measurement(bench_vs_trl.run_trl(TINY_GRPO, tmp_path / "model", tmp_path / "run"))
+
+
+TINY_TUNIX = bench_vs_tunix.Settings(
+    prompts=2, group=2, prompt_len=4, new_tokens=8, hidden=64, layers=1, vocab=128, repeats=2
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen3(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny_qwen3") / "model"
+    bench_vs_tunix.build_checkpoint(TINY_TUNIX, directory)
+    return directory
+
+
+def check_tunix_bench_measurement(result, cpu_iterations: int):
+    timed = list(zip(result["rollout_s"], result["iteration_s"], strict=True))
+    assert len(timed) == TINY_TUNIX.repeats and all(0 < r < i for r, i in timed)
+    assert len(result["cpu_s"]) == cpu_iterations and all(c > 0 for c in result["cpu_s"])
+    assert result["batch_BxT"] == [4, 4 + 8] and result["min_new_tokens"] == 8
+    assert np.isfinite(result["loss"]) and result["peak_rss_mib"] > 0 and result["warmup_s"] > 0
+    assert np.shape(result["probe_logp"]) == (bench_vs_tunix.PROBE_ROWS, TINY_TUNIX.new_tokens)
+
+
+def test_bench_vs_tunix_ftjax_side_runs(tiny_qwen3, tmp_path):
+    result = bench_vs_tunix.run_ftjax(TINY_TUNIX, tiny_qwen3, "uniform", tmp_path)
+    check_tunix_bench_measurement(result, TINY_TUNIX.repeats - 1)
+    combined = bench_vs_tunix.combine([result, result], TINY_TUNIX.warmup)
+    assert 0 < combined["fastest_s"] <= combined["iteration_s"]
+    assert 0 < combined["step_s"] < combined["iteration_s"] and combined["compile_s"] > 0
+    rows = [("tunix GRPOLearner", "uniform", combined), ("ftjax", "x", combined)]
+    table = bench_vs_tunix.table(rows)
+    assert table.count("| 4 x 12 |") == 2 and table.endswith("| 1.00, 1.00, 1.00 |")
+    assert bench_vs_tunix.probe_gap([result, result]) == 0.0
+
+
+def test_bench_vs_tunix_says_how_to_make_the_venv(tmp_path):
+    with pytest.raises(SystemExit, match="pip install google-tunix"):
+        bench_vs_tunix.tunix_python(str(tmp_path / "no-such-python"))
+
+
+def test_bench_vs_tunix_tunix_side_runs_the_same_network(tiny_qwen3, tmp_path):
+    """In the tunix venv (skipped where there is none): the same measurement, and the same
+    network as ftjax's (probe log-probs)."""
+    python = bench_vs_tunix.parse_args([])[0].tunix_python
+    if not pathlib.Path(python).is_file():
+        pytest.skip(f"no tunix venv at {python} (see benchmarks/bench_vs_tunix.py)")
+    result = bench_vs_tunix.spawn(python, "tunix", "", TINY_TUNIX, tiny_qwen3, tmp_path)
+    check_tunix_bench_measurement(result, TINY_TUNIX.repeats)
+    ftjax_logp = bench_vs_tunix.ftjax_probe_log_probs(TINY_TUNIX, tiny_qwen3)
+    assert bench_vs_tunix.probe_gap([result, {"probe_logp": ftjax_logp}]) < 1e-5
+
+
+def test_device_check_tiny_writes_every_item(tmp_path):
+    """`device_check --tiny` on CPU: the two 1K-like steps and the first generation item run,
+    each in its own process as on a device; the other items are listed as skipped with their
+    reason; the JSON holds finite numbers and the table the rows. With no budget nothing
+    starts."""
+    from benchmarks import device_check
+
+    report = device_check.main(["--tiny", "--out", str(tmp_path), "--items", "0,1,4",
+                                "--repeats", "2"])
+    saved = json.loads((tmp_path / "device_check.json").read_text())
+    assert saved["finished"] and saved["items"] == json.loads(json.dumps(report["items"]))
+    assert saved["card"]["device_kind"] and saved["host"]["versions"]["jax"] == jax.__version__
+    items = saved["items"]
+    assert len(items) == len(device_check.plan(device_check.parse_args(["--tiny", "--out", "x"])))
+    flowtracer, uniform, long_flowtracer, long_uniform, generate, *rest = items
+    for item, credit_name in ((flowtracer, "flowtracer"), (uniform, "uniform")):
+        assert (item["kind"], item["credit"], item["status"]) == ("step", credit_name, "ok")
+        result = item["result"]
+        assert len(result["step_times_s"]) == 2 and result["micro_batch"] == item["micro_batch"]
+        for key in ("compile_s", "first_call_s", "step_s", "tokens_per_s", "loss", "grad_norm"):
+            assert np.isfinite(result[key]), key
+        assert result["step_s"] > 0 and result["planned_bytes"] > result["state_bytes"] > 0
+        assert result["skipped_nonfinite"] == 0.0 and result["host_peak_rss_bytes"] > 0
+    float32_run, bfloat16_run = generate["result"]["runs"]
+    assert generate["status"] == "ok" and float32_run["dtype"] == "float32"
+    assert np.isfinite(float32_run["tokens_per_s"]) and float32_run["all_rows_decoded"]
+    assert "tokens_per_s" in bfloat16_run or bfloat16_run["error"]
+    assert all(i["status"] == "skipped" and i["reason"] for i in [long_flowtracer, long_uniform,
+                                                                   *rest])
+    table = (tmp_path / "device_check.md").read_text()
+    assert "| tiny | 32 | 4 | 4 | flowtracer | fused |" in table and "| 1.00 |" in table
+
+    nothing = device_check.main(["--tiny", "--out", str(tmp_path / "none"), "--budget_s", "0"])
+    assert {i["status"] for i in nothing["items"]} == {"skipped"}
+    assert nothing["items"][0]["reason"].startswith("budget")

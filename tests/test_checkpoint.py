@@ -1,4 +1,5 @@
-"""Checkpoints: exact round trip, keep-N, refusal of non-finite state, SIGKILL mid-write."""
+"""Checkpoints: exact round trip, keep-N, refusal of non-finite state, SIGKILL mid-write (blocking
+and asynchronous saves), asynchronous saves that finish at exit and fail loudly."""
 
 import os
 import pathlib
@@ -69,7 +70,7 @@ def test_non_finite_state_is_never_saved(tmp_path):
 CHILD = textwrap.dedent("""
     import sys, numpy as np, jax.numpy as jnp
     from ftjax.checkpoint import Checkpointer
-    ckpt = Checkpointer(sys.argv[1])
+    ckpt = Checkpointer(sys.argv[1], async_save=sys.argv[2] == "async")
     ckpt.save(1, {"w": jnp.ones((4,))}, {"step": 1})
     print("saved-1", flush=True)
     ckpt.save(2, {"w": jnp.ones((4,)), "big": jnp.ones((96, 1024, 1024))}, {"step": 2})
@@ -77,9 +78,11 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def test_sigkill_during_write_leaves_previous_checkpoint_loadable(tmp_path):
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], stdout=subprocess.PIPE,
-                             text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+@pytest.mark.parametrize("mode", ["blocking", "async"])
+def test_sigkill_during_write_leaves_previous_checkpoint_loadable(tmp_path, mode):
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), mode],
+                             stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert child.stdout.readline().strip() == "saved-1"
     deadline = time.time() + 120
     while time.time() < deadline:  # kill once the second write's temporary directory exists
@@ -98,6 +101,112 @@ def test_sigkill_during_write_leaves_previous_checkpoint_loadable(tmp_path):
     state, meta = ckpt.restore({"w": jnp.zeros((4,))})
     assert meta == {"step": 1}
     np.testing.assert_array_equal(np.asarray(state["w"]), np.ones(4))
+
+
+# The child stalls Orbax's background thread after the arrays are written and before the rename
+# that makes the checkpoint visible, then keeps stepping: the kill lands mid-save, every time.
+ASYNC_CHILD = textwrap.dedent("""
+    import sys, time, jax, jax.numpy as jnp
+    from orbax.checkpoint._src.checkpointers import async_checkpointer
+    from ftjax.checkpoint import Checkpointer
+    ckpt = Checkpointer(sys.argv[1])
+    ckpt.save(1, {"w": jnp.ones((4,))}, {"step": 1})
+    ckpt.wait()
+    finish = async_checkpointer._background_wait_for_commit_futures
+    def stalled(*args, **kwargs):
+        time.sleep(600)
+        return finish(*args, **kwargs)
+    async_checkpointer._background_wait_for_commit_futures = stalled
+    w = jnp.full((4,), 2.0)
+    ckpt.save(2, {"w": w}, {"step": 2})
+    print("returned", flush=True)
+    step = jax.jit(lambda w: w + 1, donate_argnums=0)
+    for i in range(10**9):
+        w = step(w).block_until_ready()
+        if i == 10:
+            print("stepping", flush=True)
+""")
+
+
+def test_sigkill_during_an_async_save_while_training_leaves_previous_checkpoint_loadable(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", ASYNC_CHILD, str(tmp_path)],
+                             stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    try:
+        assert child.stdout.readline().strip() == "returned"  # save did not wait for the write
+        assert child.stdout.readline().strip() == "stepping"  # ... and training goes on
+        partial = [p.name for p in tmp_path.iterdir() if p.name.startswith("2.")]
+        assert partial and not (tmp_path / "2").exists()  # mid-save: written, not renamed
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    ckpt = Checkpointer(tmp_path)
+    assert ckpt.all_steps() == [1]
+    state, meta = ckpt.restore({"w": jnp.zeros((4,))})
+    assert meta == {"step": 1}
+    np.testing.assert_array_equal(np.asarray(state["w"]), np.ones(4))
+    ckpt.save(2, {"w": jnp.full((4,), 3.0)}, {"step": 2})  # the leftover does not get in the way
+    state, meta = ckpt.restore({"w": jnp.zeros((4,))})
+    assert meta == {"step": 2}
+    np.testing.assert_array_equal(np.asarray(state["w"]), np.full(4, 3.0))
+    ckpt.close()
+
+
+def test_async_save_keeps_the_saved_values_when_the_state_is_donated_at_once(tmp_path):
+    """`save` returns before the write; the next step donates (and may overwrite) the state."""
+    ckpt = Checkpointer(tmp_path)
+    state = make_state(1)
+    want = leaves(state)
+    ckpt.save(1, state, {"step": 1})
+    bump = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)
+    for _ in range(3):
+        state = bump(state)
+    restored, meta = ckpt.restore(make_state(9))
+    assert meta == {"step": 1}
+    for got, expected in zip(leaves(restored), want, strict=True):
+        np.testing.assert_array_equal(got, expected)
+    ckpt.close()
+
+
+EXITING_CHILD = textwrap.dedent("""
+    import sys, jax.numpy as jnp
+    from ftjax.checkpoint import Checkpointer
+    ckpt = Checkpointer(sys.argv[1])
+    ckpt.save(1, {"w": jnp.ones((4,))}, {"step": 1})
+    ckpt.save(2, {"w": jnp.full((4,), 2.0), "big": jnp.ones((8, 1024, 1024))}, {"step": 2})
+""")  # ... and ends without `close` or `wait`
+
+
+def test_a_process_that_ends_mid_save_finishes_its_checkpoint(tmp_path):
+    done = subprocess.run([sys.executable, "-c", EXITING_CHILD, str(tmp_path)], text=True,
+                          capture_output=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Error" not in done.stderr and "Event loop" not in done.stderr, done.stderr[-2000:]
+    ckpt = Checkpointer(tmp_path)
+    assert ckpt.all_steps() == [1, 2]
+    state, meta = ckpt.restore({"w": jnp.zeros((4,)), "big": jnp.zeros((8, 1024, 1024))})
+    assert meta == {"step": 2}
+    np.testing.assert_array_equal(np.asarray(state["w"]), np.full(4, 2.0))
+
+
+def test_a_failed_async_write_is_raised_and_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    from orbax.checkpoint._src.checkpointers import async_checkpointer
+
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(1, {"w": jnp.ones((4,))}, {"step": 1})
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(async_checkpointer, "_background_wait_for_commit_futures", disk_full)
+    ckpt.save(2, {"w": jnp.full((4,), 2.0)}, {"step": 2})
+    with pytest.raises(RuntimeError, match="checkpoint 2 in .* failed to write"):
+        ckpt.wait()
+    monkeypatch.undo()
+    assert ckpt.latest_step() == 1
+    state, _ = ckpt.restore({"w": jnp.zeros((4,))})
+    np.testing.assert_array_equal(np.asarray(state["w"]), np.ones(4))
+    ckpt.close()
 
 
 def test_restore_verifies_every_array_against_its_saved_checksum(tmp_path):

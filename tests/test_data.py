@@ -321,6 +321,48 @@ def test_unknown_family_lists_the_known_ones():
         render("q", "mistral")
 
 
+def test_templates_with_a_system_message():
+    system = " Be brief. "
+    assert render("1+1?", "plain", "Box it.", system) == "Be brief.\n\n1+1?\nBox it.\n"
+    assert render("1+1?", "qwen2", "", system) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n1+1?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert render("1+1?", "llama", "", system) == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n1+1?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    # Gemma has no system role: the message opens the user turn.
+    assert render("1+1?", "gemma3", "", system) == (
+        "<start_of_turn>user\nBe brief.\n\n1+1?<end_of_turn>\n<start_of_turn>model\n"
+    )
+    for family in TEMPLATES:  # a blank system message is none
+        assert render("{x}?", family, "", "  ") == render("{x}?", family, "", None)
+
+
+def test_chat_prompts_keep_their_system_message(tmp_path):
+    rows = [
+        {"prompt": [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "q"}],
+         "answer": "1"},
+        {"prompt": [{"role": "user", "content": "q"}], "answer": "2"},
+        {"prompt": [{"role": "system", "content": ""}, {"role": "user", "content": "q"}],
+         "answer": "3"},
+        {"prompt": [{"role": "system", "content": "a"}, {"role": "system", "content": "b"},
+                    {"role": "user", "content": "q"}], "answer": "4"},
+        {"prompt": [{"role": "system", "content": [{"type": "text", "text": "a"}]},
+                    {"role": "user", "content": "q"}], "answer": "5"},
+    ]  # fmt: skip
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    examples, problems = load(DataConfig(path))
+    got = [(e.system, e.answer) for e in examples]
+    assert got == [("Be brief.", "1"), (None, "2"), (None, "3")]
+    assert problems == [
+        f"{path}:4: field 'prompt' has 2 system messages, expected 0 or 1",
+        f"{path}:5: field 'prompt[system].content' has type list, expected a string",
+    ]
+
+
 # --- split_for_process ------------------------------------------------------------------------
 
 

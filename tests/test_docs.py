@@ -52,7 +52,11 @@ NOT_IN_REPO = [
     re.compile(r"(^|/)(summary|table|stem)\.(md|json)$"),
     # Files inside a Hugging Face checkpoint directory (config.json is also math_rl's output;
     # ftjax/models/hf.py calls model.safetensors.index.json "index.json" for short).
-    re.compile(r"^(config|tokenizer|tokenizer_config|(model\.safetensors\.)?index)\.json$"),
+    re.compile(
+        r"^(config|tokenizer|tokenizer_config|special_tokens_map|(model\.safetensors\.)?index)\.json$"
+    ),
+    # Files inside a directory that `datasets`' save_to_disk writes (ftjax/tasks/sources.py).
+    re.compile(r"^(state|dataset_info|dataset_dict)\.json$"),
     # llama.cpp's converter script, named in ftjax/models/gguf.py.
     re.compile(r"^convert_hf_to_gguf\.py$"),
 ]

@@ -63,3 +63,34 @@ def test_bad_metrics_and_bad_files(tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"step": 0, "loss": 1}\nnot json\n')
     with pytest.raises(ValueError, match="broken.jsonl:2"):
         read_jsonl(tmp_path / "broken.jsonl")
+
+
+def test_wandb_offline_logs_and_a_resume_continues_the_same_run(tmp_path, monkeypatch):
+    """Skipped where wandb is not installed (the default test environment has no wandb extra)."""
+    pytest.importorskip("wandb")
+    from ftjax.logging import WANDB_ID, WandbConfig
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = WandbConfig(enabled=True, project="ftjax-test", mode="offline")
+    records = [{"step": 0, "row": 0, "reward": 1.0, "prompt": "p", "completion": "c"}]
+    for step in range(2):  # a run, then its resume
+        logger = MetricsLogger(tmp_path, progress=False, wandb=cfg, config={"loop.steps": "2"})
+        logger.log(step, {"loss": 0.5, "reward_mean": 1.0})
+        logger.log_completions(step, records)
+        logger.close()
+    run_id = (tmp_path / WANDB_ID).read_text().strip()
+    runs = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 2  # both sessions wrote to the one W&B run
+    data = b"".join(path.read_bytes() for run in runs for path in run.glob("run-*.wandb"))
+    assert b"reward_mean" in data and b"completions" in data
+    assert read_jsonl(tmp_path / "metrics.jsonl") == {
+        0: {"loss": 0.5, "reward_mean": 1.0},
+        1: {"loss": 0.5, "reward_mean": 1.0},
+    }
+
+
+def test_wandb_config_is_checked():
+    from ftjax.logging import WandbConfig
+
+    with pytest.raises(ValueError, match="mode"):
+        WandbConfig(mode="sometimes")

@@ -342,15 +342,19 @@ def test_stale_lock_from_a_dead_process_is_taken_over(tmp_path):
 
 
 def damage(step_dir: pathlib.Path, how: str) -> None:
-    data = max((step_dir / "state").rglob("d/*"), key=lambda f: f.stat().st_size)
-    if how == "corrupt":  # 400 bytes overwritten in the middle of the largest data file
+    # Every data file is damaged: Orbax may leave more than one, and damage to a file the
+    # restore does not read would leave the checkpoint intact (the test would then fail by luck).
+    files = sorted((step_dir / "state").rglob("d/*"))
+    assert files, step_dir
+    for data in files if how in ("corrupt", "truncate") else ():
         raw = bytearray(data.read_bytes())
-        middle = len(raw) // 2
-        raw[middle : middle + 400] = bytes(b ^ 0x5A for b in raw[middle : middle + 400])
+        if how == "corrupt":  # 400 bytes overwritten in the middle
+            middle = len(raw) // 2
+            raw[middle : middle + 400] = bytes(b ^ 0x5A for b in raw[middle : middle + 400])
+        else:
+            raw = raw[: len(raw) // 2]
         data.write_bytes(bytes(raw))
-    elif how == "truncate":
-        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
-    elif how == "no_state_metadata":
+    if how == "no_state_metadata":
         (step_dir / "state" / "_METADATA").unlink()
     elif how == "no_record":
         (step_dir / "meta" / "metadata").unlink()

@@ -8,7 +8,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from experiments import evaluate, math_rl, synthetic_math
+from experiments import evaluate, math_rl, synthetic_math, tiny_model
 from ftjax import credit, evaluation, rollout
 from ftjax.logging import read_jsonl
 from ftjax.models import pretrained
@@ -183,38 +183,14 @@ def test_synthetic_answers_follow_the_story():
 
 
 def make_hf_checkpoint(directory: pathlib.Path, texts: list[str]) -> pathlib.Path:
+    """`experiments.tiny_model`'s tokenizer and config, with the weights written by transformers
+    (so the loader reads a checkpoint another tool wrote)."""
     import torch
     import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    special = ["<s>", "</s>", "<pad>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=1000,
-        special_tokens=special,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(texts, trainer)
-    directory.mkdir(parents=True, exist_ok=True)
-    tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(
-        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"})
-    )
+    vocab_size = tiny_model.write_tokenizer(directory, texts)
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
-    )
+    config = transformers.LlamaConfig(**tiny_model.hf_config(vocab_size))
     transformers.LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
     return directory
 
@@ -302,7 +278,7 @@ def test_math_rl_two_steps_then_evaluate_the_checkpoint(tiny_setup, capsys):
 
 def test_math_rl_refuses_bad_flags_and_data(tiny_setup, tmp_path):
     _, ckpt, train_path, _ = tiny_setup
-    with pytest.raises(ValueError, match="unknown config key"):
+    with pytest.raises(ValueError, match="Unrecognized options: --loop.stepz"):
         math_rl.main(["--model", str(ckpt), "--loop.stepz", "2"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "x"}\nnot json\n')

@@ -4,8 +4,9 @@
     load("/ckpts/Qwen3-4B-Base")  # config.json + safetensors + tokenizer.json
 
 Both tokenizers answer `encode(text, add_bos)` and `decode(ids)` and carry `bos_id` / `eos_id`.
-`chat_template` says whether the checkpoint ships a chat template (an instruction-tuned model);
-experiments use it to choose between the family's chat markup and plain text.
+`chat_template` is the checkpoint's own Jinja chat template (`chat_template.ChatTemplate`, with the
+tokenizer's special tokens), or None when it ships none; prompts are rendered through it, and a
+checkpoint without one gets plain text or a hand-written family markup (`ftjax.tasks.prompts`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from collections.abc import Sequence
 
 import jax.numpy as jnp
 
-from ftjax.models import config, gguf, hf
+from ftjax.models import chat_template, config, gguf, hf
+from ftjax.models.chat_template import ChatTemplate
 from ftjax.models.transformer import Transformer
 
 GEMMA3_270M = "gemma3-270m"
@@ -73,7 +75,7 @@ class Pretrained:
     model: Transformer
     tokenizer: object  # models.tokenizer.Tokenizer or HFTokenizer
     family: str
-    chat_template: bool
+    chat_template: ChatTemplate | None
 
     def stop_ids(self) -> tuple[int, ...]:
         """EOS ids of the config and tokenizer, plus the family's end-of-turn token."""
@@ -103,8 +105,8 @@ def load(name: str, param_dtype: str = "float32", compute_dtype: str | None = No
         ckpt = gguf.read_gguf(gguf.find_gemma3_270m())
         cfg = config.from_hf(ckpt.config)
         model = hf.model_from_tensors(cfg, ckpt.tensors, **dtypes)
-        has_template = "tokenizer.chat_template" in ckpt.metadata
-        return Pretrained(model, ckpt.tokenizer, cfg.family, has_template)
+        template = chat_template.from_gguf(ckpt.metadata, ckpt.tokenizer.pieces)
+        return Pretrained(model, ckpt.tokenizer, cfg.family, template)
     directory = pathlib.Path(name)
     if not directory.is_dir():
         raise ValueError(
@@ -112,7 +114,4 @@ def load(name: str, param_dtype: str = "float32", compute_dtype: str | None = No
         )
     tokenizer = HFTokenizer(directory)
     cfg, model = hf.load_checkpoint(directory, **dtypes)
-    has_template = (directory / "chat_template.jinja").is_file() or "chat_template" in _read_json(
-        directory / "tokenizer_config.json"
-    )
-    return Pretrained(model, tokenizer, cfg.family, has_template)
+    return Pretrained(model, tokenizer, cfg.family, chat_template.from_directory(directory))

@@ -8,8 +8,10 @@ Each task satisfies `ftjax.rollout.Task`.
 | `branches.py` | K independent chains, one queried (dead-end branches); labels, chain ids, roles |
 | `countdown.py` | Countdown (reach a target with + - * /); its checker; solver traces |
 | `vocab.py` | the character vocabulary of the synthetic tasks |
-| `data.py` | math datasets from local JSONL / JSON / Parquet files, presets, chat templates |
+| `data.py` | rows -> math examples (field maps, presets, bad-row reports), fallback templates |
+| `sources.py` | rows of JSONL / JSON / Parquet / Arrow files, save_to_disk dirs, data_files |
 | `verifiers.py` | rewards and answer spans from response text (math-verify, GSM8K) |
+| `rewards.py` | your own reward functions (TRL's signature), weighted, with answer spans |
 | `text.py` | text problems as a task: template -> prompt ids, response -> text -> verifier |
 | `prompts.py` | a data file + a pretrained policy -> a text task (template, few-shot, stop ids) |
 

@@ -1,26 +1,27 @@
-"""Math datasets from local files (JSONL, a JSON list, Parquet) -> `Example`s, and prompt templates.
+"""Math datasets from local files -> `Example`s, and the hand-written prompt templates.
 
-Rows: one JSON object per JSONL line, one element of a JSON list, one Parquet row. A row's
-`source` is "path:line" (JSONL, 1-based as editors number lines) or "path:row i" (JSON list and
-Parquet, 0-based as `rows[i]` reads it). A row that cannot become an example (bad JSON, missing,
-empty or mistyped field) is reported with its source and skipped, or raises with the same message.
+Rows come from `sources`: a JSONL, JSON-list, Parquet or Arrow file, a `datasets` save_to_disk
+directory, or `load_dataset`-style data_files (globs, lists, split -> files). A row's `source` is
+"path:line" (JSONL) or "path:row i" (the others). A row that cannot become an example (bad JSON,
+missing, empty or mistyped field) is reported with its source and skipped, or raises with the
+same message.
 
 Multi-host: every process reads the same file and keeps `split_for_process` of it, so the
 processes' rows are disjoint and together are the whole file, with no coordination.
-Templates are text only; tokenizing them is the model's business.
+Templates are text only; tokenizing them is the model's business. The hand-written ones are the
+fallback for checkpoints that ship no chat template of their own (`ftjax.models.chat_template`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
-from ftjax.tasks import verifiers
+from ftjax.tasks import sources, verifiers
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-EXTENSIONS = (".jsonl", ".json", ".parquet")
+EXTENSIONS = sources.FILE_EXTENSIONS
 ON_BAD_ROW = ("skip", "error")
 _MISSING = object()  # a field absent from the row, as opposed to present and null
 
@@ -30,7 +31,10 @@ class Example:
     prompt: str  # the question text (before any template)
     answer: str  # ground-truth final answer, e.g. "72", "\\frac{1}{2}"
     solution: str | None = None
-    source: str = ""  # "path:line" (JSONL) or "path:row i" (JSON list, Parquet) for messages
+    source: str = ""  # "path:line" (JSONL) or "path:row i" (the other sources) for messages
+    system: str | None = None  # the row's own system message, when its prompt is chat messages
+    # The row as read (every column), for reward functions (`tasks.rewards`); None if made in code
+    row: dict | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 def _check_path(name: str, path: str | None, optional: bool) -> None:
@@ -43,11 +47,12 @@ def _check_path(name: str, path: str | None, optional: bool) -> None:
 @dataclasses.dataclass(frozen=True)
 class FieldMap:
     """Where a row keeps each part: dotted paths into nested objects ("reward_model.ground_truth").
-    The prompt may be a string or a list of chat messages (its one user message is taken)."""
+    The prompt may be a string or a list of chat messages (its one user message is the prompt,
+    its system message, if any, is kept)."""
 
-    prompt: str = "prompt"
-    answer: str = "answer"
-    solution: str | None = None
+    prompt: str = "prompt"  # the question
+    answer: str = "answer"  # the reference answer rewards compare to
+    solution: str | None = None  # a worked solution (few-shot demonstrations); None: none
 
     def __post_init__(self):
         _check_path("prompt", self.prompt, optional=False)
@@ -84,15 +89,37 @@ def _as_text(value: object, name: str, *, required: bool) -> str | None:
     return str(value).strip()
 
 
-def _prompt_text(value: object, name: str) -> str:
+def _message_rows(value: dict) -> list[dict] | None:
+    """Messages stored column-wise ({"role": [...], "content": [...]}, as `datasets` keeps a
+    Sequence of dicts) as a list of messages; None when `value` is not that."""
+    columns = list(value.values())
+    if not {"role", "content"} <= value.keys() or not all(isinstance(c, list) for c in columns):
+        return None
+    if len({len(c) for c in columns}) != 1:
+        return None
+    return [dict(zip(value, row, strict=True)) for row in zip(*columns, strict=True)]
+
+
+def _prompt_parts(value: object, name: str) -> tuple[str, str | None]:
+    """(the prompt text, the system message or None) of a prompt field."""
+    if isinstance(value, dict):
+        value = _message_rows(value) or value
     if not isinstance(value, list):
-        return _as_text(value, name, required=True)
+        return _as_text(value, name, required=True), None
     if not all(isinstance(message, dict) for message in value):
         raise _BadRowError(f"field '{name}' is a list but not of chat messages (objects)")
     users = [message for message in value if message.get("role") == "user"]
     if len(users) != 1:
         raise _BadRowError(f"field '{name}' has {len(users)} user messages, expected 1")
-    return _as_text(users[0].get("content", _MISSING), f"{name}[user].content", required=True)
+    systems = [message for message in value if message.get("role") == "system"]
+    if len(systems) > 1:
+        raise _BadRowError(f"field '{name}' has {len(systems)} system messages, expected 0 or 1")
+    prompt = _as_text(users[0].get("content", _MISSING), f"{name}[user].content", required=True)
+    system = None
+    if systems:
+        content = systems[0].get("content", _MISSING)
+        system = _as_text(content, f"{name}[system].content", required=False)
+    return prompt, system
 
 
 AnswerRule = Callable[[dict, FieldMap], tuple[str, str | None]]  # row -> (answer, solution)
@@ -150,20 +177,33 @@ PRESETS: dict[str, Preset] = {
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    path: str
+    """Where the rows are (`path`, or `data_files` instead) and how they become examples."""
+
+    path: str = ""  # a data file (JSONL, JSON, Parquet, Arrow) or a save_to_disk directory
     preset: str | None = None  # one of PRESETS (its field names and answer rule), or None
     fields: FieldMap = FieldMap()  # a field set here (not left at its default) beats the preset's
     on_bad_row: str = "skip"  # "skip" (report and continue) or "error" (raise on the first)
     limit: int | None = None  # stop after this many examples
+    # load_dataset-style files or globs, "split=pattern" for a split other than train
+    # (--data.data_files 'train=a/*.jsonl,test=b.parquet'); when given, they replace path. Python
+    # callers may also pass a pattern, a list, or a {split: pattern(s)} dict.
+    data_files: tuple[str, ...] = ()
+    split: str | None = None  # which split of data_files or a DatasetDict; None: the only one
 
     def __post_init__(self):
-        if not str(self.path):
-            raise ValueError("DataConfig.path is empty")
-        if pathlib.Path(self.path).suffix.lower() not in EXTENSIONS:
+        object.__setattr__(self, "data_files", sources.normalize_data_files(self.data_files))
+        if self.data_files:
+            object.__setattr__(self, "path", "")  # so the recorded config says what is read
+        elif not str(self.path):
+            raise ValueError("DataConfig needs a path or data_files; both are empty")
+        suffix = pathlib.Path(self.path).suffix.lower()
+        if self.path and suffix not in ("", *EXTENSIONS) and not pathlib.Path(self.path).is_dir():
             raise ValueError(
-                f"DataConfig.path {self.path!r} has extension "
-                f"{pathlib.Path(self.path).suffix!r}; known: {EXTENSIONS}"
+                f"DataConfig.path {self.path!r} has extension {suffix!r}; known: {EXTENSIONS} "
+                "(or a save_to_disk directory)"
             )
+        if self.split is not None and not sources.is_split_name(self.split):
+            raise ValueError(f"DataConfig.split {self.split!r} is not a split name like 'train'")
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"DataConfig.preset {self.preset!r} is not one of {sorted(PRESETS)}")
         if self.on_bad_row not in ON_BAD_ROW:
@@ -173,71 +213,19 @@ class DataConfig:
         if self.limit is not None and (isinstance(self.limit, bool) or self.limit < 1):
             raise ValueError(f"DataConfig.limit must be None or >= 1, got {self.limit!r}")
 
-
-Row = tuple[str, object, str | None]  # (source, row, why it is unreadable or None)
-
-
-def _jsonl_rows(path: str) -> Iterator[Row]:
-    # Bytes, decoded per line, so one line of bad UTF-8 is one bad row, not a failed file.
-    with open(path, "rb") as file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{number}", json.loads(line), None
-            except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError
-                yield f"{path}:{number}", None, f"not valid JSON ({error})"
-
-
-def _json_rows(path: str) -> Iterator[Row]:
-    try:
-        with open(path, encoding="utf-8") as file:
-            rows = json.load(file)
-    except (ValueError, RecursionError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error})") from error
-    if not isinstance(rows, list):
-        raise ValueError(f"{path} holds a JSON {type(rows).__name__}, expected a list of rows")
-    for index, row in enumerate(rows):
-        yield f"{path}:row {index}", row, None
-
-
-def _parquet_rows(path: str) -> Iterator[Row]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as error:
-        raise ValueError(
-            f"reading {path} needs pyarrow; install it with: pip install 'ftjax[math]'"
-        ) from error
-    try:
-        file = pq.ParquetFile(path)
-    except Exception as error:  # pyarrow's ArrowInvalid and friends
-        raise ValueError(f"{path} is not a readable Parquet file ({error})") from error
-    index = 0
-    for batch in file.iter_batches(batch_size=1024):  # batches, so `limit` stops reading early
-        for row in batch.to_pylist():
-            yield f"{path}:row {index}", row, None
-            index += 1
-
-
-def _rows(path: str) -> Iterator[Row]:
-    if pathlib.Path(path).is_dir():
-        raise ValueError(f"data file {path!r} is a directory, not a file")
-    if not pathlib.Path(path).is_file():
-        raise ValueError(f"data file {path!r} does not exist")
-    suffix = pathlib.Path(path).suffix.lower()
-    if suffix == ".jsonl":
-        return _jsonl_rows(path)
-    if suffix == ".json":
-        return _json_rows(path)
-    return _parquet_rows(path)
+    @property
+    def label(self) -> str:
+        """Where the rows come from, for messages: the path, or the data_files; and the split."""
+        where = self.path or f"data_files {','.join(self.data_files)}"
+        return where if self.split is None else f"{where} (split {self.split})"
 
 
 def _example(row: object, preset: Preset, source: str) -> Example:
     if not isinstance(row, dict):
         raise _BadRowError(f"row is a JSON {type(row).__name__}, expected an object")
-    prompt = _prompt_text(_field(row, preset.fields.prompt), preset.fields.prompt)
+    prompt, system = _prompt_parts(_field(row, preset.fields.prompt), preset.fields.prompt)
     answer, solution = preset.answer_rule(row, preset.fields)
-    return Example(prompt, answer, solution, source)
+    return Example(prompt, answer, solution, source, system, row)
 
 
 def effective_preset(cfg: DataConfig) -> Preset:
@@ -255,10 +243,10 @@ def effective_preset(cfg: DataConfig) -> Preset:
 
 
 def load(cfg: DataConfig) -> tuple[list[Example], list[str]]:
-    """(examples, problems): problems are "source: why" for each skipped row, in file order."""
+    """(examples, problems): problems are "source: why" for each skipped row, in row order."""
     preset = effective_preset(cfg)
     examples, problems = [], []
-    for source, row, unreadable in _rows(cfg.path):
+    for source, row, unreadable in sources.rows(cfg.path, cfg.data_files, cfg.split):
         try:
             if unreadable is not None:
                 raise _BadRowError(unreadable)
@@ -272,26 +260,46 @@ def load(cfg: DataConfig) -> tuple[list[Example], list[str]]:
     return examples, problems
 
 
-# One user turn, then the opener of the assistant turn the model continues.
+# Hand-written markup, for checkpoints without a chat template of their own: family -> (the
+# system message's part, the turns). The turns are the system part (empty without a message), one
+# user turn, then the opener of the assistant turn the model continues. Plain text and Gemma have
+# no system role: the message goes before the question, a blank line between (as Gemma's own
+# template does).
+_CHATML = "{system}<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
 TEMPLATES = {
-    "plain": "{content}\n",
+    "plain": ("{text}\n\n", "{system}{content}\n"),
     "llama": (
-        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        "<|start_header_id|>system<|end_header_id|>\n\n{text}<|eot_id|>",
+        "<|begin_of_text|>{system}<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
     ),
-    "qwen2": "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-    "qwen3": "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-    "gemma3": "<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n",
+    "qwen2": ("<|im_start|>system\n{text}<|im_end|>\n", _CHATML),
+    "qwen3": ("<|im_start|>system\n{text}<|im_end|>\n", _CHATML),
+    "gemma3": (
+        "{text}\n\n",
+        "<start_of_turn>user\n{system}{content}<end_of_turn>\n<start_of_turn>model\n",
+    ),
 }
 
 
-def render(example_prompt: str, family: str, instruction: str = DEFAULT_INSTRUCTION) -> str:
-    """The prompt text a `family` model continues: the question, a newline, the instruction (an
-    empty instruction is left out), in the family's chat markup for one user turn."""
+def user_content(example_prompt: str, instruction: str = DEFAULT_INSTRUCTION) -> str:
+    """The user turn's text: the question, a newline, the instruction (left out when empty)."""
+    return "\n".join(part for part in (example_prompt.strip(), instruction.strip()) if part)
+
+
+def render(
+    example_prompt: str,
+    family: str,
+    instruction: str = DEFAULT_INSTRUCTION,
+    system: str | None = None,
+) -> str:
+    """The prompt text a `family` model continues, in the family's hand-written markup: the
+    system message (None or blank: none), then `user_content` as one user turn."""
     if family not in TEMPLATES:
         raise ValueError(f"unknown model family {family!r}; known: {sorted(TEMPLATES)}")
-    content = "\n".join(part for part in (example_prompt.strip(), instruction.strip()) if part)
-    return TEMPLATES[family].format(content=content)
+    system_part, turns = TEMPLATES[family]
+    system_text = system_part.format(text=system.strip()) if system and system.strip() else ""
+    return turns.format(system=system_text, content=user_content(example_prompt, instruction))
 
 
 def split_for_process(

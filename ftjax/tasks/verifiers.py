@@ -147,15 +147,32 @@ def verify_gsm8k(response: str, ground_truth: str) -> Verdict:
     gold = _fraction(str(ground_truth))
     if gold is None:
         raise ValueError(f"GSM8K ground truth {ground_truth!r} is not a number")
+    number = _gsm8k_number(response)
+    if number is None:
+        return Verdict(0.0, None)
+    return Verdict(float(_fraction(number.group()) == gold), number.span())
+
+
+def _gsm8k_number(response: str) -> re.Match | None:
     number = None
     marker = response.rfind("####")
     if marker >= 0:
         number = _NUMBER.search(response, marker + len("####"))
     if number is None and (box := boxed_answer(response)) is not None:
         number = _NUMBER.search(response, box[1], box[2])
-    if number is None:
-        return Verdict(0.0, None)
-    return Verdict(float(_fraction(number.group()) == gold), number.span())
+    return number
+
+
+def math_span(response: str) -> tuple[int, int] | None:
+    """The span `verify_math` reports, without verifying: the last \\boxed{}'s content."""
+    found = boxed_answer(response)
+    return None if found is None else (found[1], found[2])
+
+
+def gsm8k_span(response: str) -> tuple[int, int] | None:
+    """The span `verify_gsm8k` reports, without a ground truth: the final number."""
+    number = _gsm8k_number(response)
+    return None if number is None else number.span()
 
 
 def char_span_to_token_mask(
@@ -174,3 +191,5 @@ def char_span_to_token_mask(
 # name -> (response text, ground truth) -> Verdict. Countdown is checked by its own task
 # (`ftjax.tasks.countdown`), on the step format its policies write.
 VERIFIERS = {"math": verify_math, "gsm8k": verify_gsm8k}
+# name -> response text -> the span its verifier would report (cheap: no answer is checked).
+SPANS = {"math": math_span, "gsm8k": gsm8k_span}
