@@ -27,6 +27,7 @@ create, finalise (rename) and delete checkpoint directories.
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures.thread  # noqa: F401 (registers its exit hook before ours: see below)
 import pathlib
 import shutil
@@ -112,7 +113,8 @@ def _finish_pending_saves() -> None:
 
 # CPython's hook for "before joining threads" (what concurrent.futures uses to shut its pools);
 # hooks run in reverse order of registration, so ours, registered after that module's, runs first.
-threading._register_atexit(_finish_pending_saves)
+# It is private: where an interpreter lacks it, plain atexit (later, but better than nothing).
+getattr(threading, "_register_atexit", atexit.register)(_finish_pending_saves)
 
 
 class Checkpointer:
