@@ -122,3 +122,17 @@ def test_batch_sharded_prompts_give_the_same_rollout(model):
     np.testing.assert_allclose(np.asarray(sharded.log_probs_BxN),
                                np.asarray(plain.log_probs_BxN), atol=1e-5)
     assert sharded.tokens_BxN.sharding.spec[0] is not None  # stays split over the batch
+
+
+def test_bfloat16_parameters_sample_with_a_bfloat16_cache():
+    """bf16 parameters give a bf16 KV cache; the rotated keys are float32, so they are written in
+    the cache's dtype and read back in theirs. The reference is a full forward of the same bf16
+    model, whose keys are never rounded to bf16: the tolerance (3e-2 on log-probs) is bf16's
+    rounding of the cached keys and values (relative 2^-8), not slack."""
+    model = transformer.Transformer(config.tiny("llama"), rngs=nnx.Rngs(3))
+    params = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params))
+    cfg = sampling.SamplingConfig(max_new_tokens=8, temperature=1.0)
+    rollout = sampling.generate(model, PROMPT, VALID, jax.random.PRNGKey(7), cfg)
+    _, picked, _ = reforward_log_probs(model, rollout)
+    np.testing.assert_allclose(np.asarray(rollout.log_probs_BxN), picked, atol=3e-2)

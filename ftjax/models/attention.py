@@ -94,8 +94,14 @@ class Attention(nnx.Module):
         k_BxSxKxD, v_BxSxKxD = k_BxTxKxD, v_BxTxKxD
         if past_kv is not None:
             past_k_BxSxKxD, past_v_BxSxKxD, index = past_kv
-            k_BxSxKxD = jax.lax.dynamic_update_slice_in_dim(past_k_BxSxKxD, k_BxTxKxD, index, 1)
-            v_BxSxKxD = jax.lax.dynamic_update_slice_in_dim(past_v_BxSxKxD, v_BxTxKxD, index, 1)
+            # The cache may be stored narrower (bf16 parameters) than the rotated keys (float32):
+            # written in its dtype, read back in the keys'.
+            k_BxSxKxD = jax.lax.dynamic_update_slice_in_dim(
+                past_k_BxSxKxD, k_BxTxKxD.astype(past_k_BxSxKxD.dtype), index, 1
+            ).astype(k_BxTxKxD.dtype)
+            v_BxSxKxD = jax.lax.dynamic_update_slice_in_dim(
+                past_v_BxSxKxD, v_BxTxKxD.astype(past_v_BxSxKxD.dtype), index, 1
+            ).astype(v_BxTxKxD.dtype)
         if capture_into is None and not self.softcap:
             mask_Bx1xTxS = self._mask(*slots)[:, None]
             out = jax.nn.dot_product_attention(
