@@ -163,13 +163,9 @@ def combine(rounds: list[dict]) -> dict:
     }
 
 
-def run_ftjax(s: Settings, checkpoint: pathlib.Path, credit_name: str, run_dir) -> dict:
-    """`s.steps` iterations of `loop.run` (the production loop) from the checkpoint."""
+def ftjax_configs(s: Settings, credit_name: str):
+    """(StepConfig, LoopConfig) of ftjax's side: GRPO token-mean, no KL, one device."""
     from ftjax import credit, loop, rl, sampling, sharding, train
-    from ftjax.models import hf
-
-    _, model = hf.load_checkpoint(checkpoint)
-    task = TokenTask(prompt_table_SxL(s))
     step_cfg = train.StepConfig(
         group_size=s.group,
         loss=rl.LossConfig(aggregation="token-mean"),
@@ -187,6 +183,17 @@ def run_ftjax(s: Settings, checkpoint: pathlib.Path, credit_name: str, run_dir) 
         mesh=sharding.MeshConfig(data=1, fsdp=1),
         progress=False,
     )
+    return step_cfg, loop_cfg
+
+
+def run_ftjax(s: Settings, checkpoint: pathlib.Path, credit_name: str, run_dir) -> dict:
+    """`s.steps` iterations of `loop.run` (the production loop) from the checkpoint."""
+    from ftjax import loop
+    from ftjax.models import hf
+
+    _, model = hf.load_checkpoint(checkpoint)
+    task = TokenTask(prompt_table_SxL(s))
+    step_cfg, loop_cfg = ftjax_configs(s, credit_name)
     before = rss_mib()
     history = loop.run(model, task, step_cfg, loop_cfg, run_dir).history
     timed = [history[i] for i in range(s.warmup, s.steps)]

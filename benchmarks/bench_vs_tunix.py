@@ -150,28 +150,12 @@ class ClockedTask(common_grpo.TokenTask):
 def run_ftjax(s: Settings, checkpoint: pathlib.Path, credit_name: str, run_dir) -> dict:
     """`s.steps` iterations of `loop.run` (the production loop) from the checkpoint, as
     `bench_vs_trl` runs them, plus CPU times and the probe log-probs."""
-    from ftjax import credit, loop, rl, sampling, sharding, train
+    from ftjax import loop
     from ftjax.models import hf
 
     _, model = hf.load_checkpoint(checkpoint)
     task = ClockedTask(common_grpo.prompt_table_SxL(s))
-    step_cfg = train.StepConfig(
-        group_size=s.group,
-        loss=rl.LossConfig(aggregation="token-mean"),
-        credit=credit.CreditConfig(name=credit_name),
-        optim=train.OptimConfig(lr=s.lr),
-    )
-    loop_cfg = loop.LoopConfig(
-        steps=s.steps,
-        prompts_per_step=s.prompts,
-        prompt_len=s.prompt_len,
-        sampling=sampling.SamplingConfig(
-            max_new_tokens=s.new_tokens, temperature=1.0, pad_id=PAD_ID
-        ),
-        checkpoint_every=s.steps,
-        mesh=sharding.MeshConfig(data=1, fsdp=1),
-        progress=False,
-    )
+    step_cfg, loop_cfg = common_grpo.ftjax_configs(s, credit_name)
     before = common_grpo.rss_mib()
     history = loop.run(model, task, step_cfg, loop_cfg, run_dir).history
     seconds = [history[i]["time/rollout_s"] + history[i]["time/step_s"] for i in range(s.steps)]

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import credit, microbatch, multihost, sharding, train, viz
+from ftjax import credit, logging, microbatch, multihost, sharding, train, viz
 
 HTML_ROWS = 16  # rows drawn on each step's page (all of them go to completions.jsonl)
 JSONL = "completions.jsonl"
@@ -193,14 +193,4 @@ def host_records(task, step: int, batch: train.Batch, gamma_BxT, tau_BxT, mesh) 
 
 def read(path: str | pathlib.Path) -> dict[tuple[int, int], dict]:
     """(step, row) -> the last record written for it."""
-    out = {}
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_number}: not a JSON record ({err})") from err
-            out[(int(record["step"]), int(record["row"]))] = record
-    return out
+    return {(int(r["step"]), int(r["row"])): r for r in logging.jsonl_records(path)}

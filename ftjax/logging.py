@@ -153,18 +153,24 @@ class MetricsLogger:
             self._wandb.close()
 
 
-def read_jsonl(path: str | pathlib.Path) -> dict[int, dict[str, float]]:
-    """The last record of each step (a resumed run may have rewritten some)."""
-    records = {}
+def jsonl_records(path: str | pathlib.Path):
+    """Every record of a JSONL file, in order (blank lines skipped); a line that is not JSON is
+    a ValueError naming the file and line."""
     with open(path, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{line_number}: not a JSON record ({err})") from err
-            records[int(record.pop("step"))] = record
+
+
+def read_jsonl(path: str | pathlib.Path) -> dict[int, dict[str, float]]:
+    """The last record of each step (a resumed run may have rewritten some)."""
+    records = {}
+    for record in jsonl_records(path):
+        records[int(record.pop("step"))] = record
     return records
 
 
