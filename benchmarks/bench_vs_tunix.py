@@ -64,31 +64,15 @@ LOGP_TOLERANCE = 1e-4  # float32, two implementations of the same network
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
-    prompts: int = 2
-    group: int = 4
-    prompt_len: int = 16
-    new_tokens: int = 64
-    hidden: int = 256
-    layers: int = 4
-    vocab: int = 1024
-    lr: float = 1e-6
-    warmup: int = 2  # ftjax compiles generate twice: for the loaded and the mesh-placed params
-    repeats: int = 5
+class Settings(common_grpo.Settings):
+    """bench_vs_trl's settings (its `torch_threads` is unused here), with this side's checks."""
 
     def __post_init__(self):
-        if self.group < 2:
-            raise ValueError(f"GRPO needs a group of >= 2 samples, got {self.group}")
-        if self.warmup < 1 or self.repeats < 2:  # ftjax's CPU time needs two timed steps
-            raise ValueError(
-                f"warmup must be >= 1 and repeats >= 2, got {self.warmup}, {self.repeats}"
-            )
+        super().__post_init__()
+        if self.repeats < 2:  # ftjax's CPU time needs two timed steps
+            raise ValueError(f"repeats must be >= 2, got {self.repeats}")
         if self.hidden % 64:
             raise ValueError(f"hidden must be a multiple of 64 (32-wide heads), got {self.hidden}")
-
-    @property
-    def steps(self) -> int:
-        return self.warmup + self.repeats
 
 
 def build_checkpoint(s: Settings, directory: pathlib.Path) -> None:
