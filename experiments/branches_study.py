@@ -72,6 +72,8 @@ ARMS = (
 FLOW_SCORES = ("flowtracer", *evaluation.ATTENTION_SCORES)  # read attention; leakage reported
 FIXED_SCORES = ("position", "entropy", "random", "constant")  # the same for every layer choice
 SEMICOLON = VOCAB.encode(";")[0]
+# FlowTracer's (sink, source) choices the analysis reads; the first is the paper's (the default).
+ENDPOINTS = tuple((k, s) for k in credit.SINKS for s in credit.SOURCES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,7 +353,7 @@ def causal(model, task, got, keep_B, chains_BxT) -> dict:
 
 def analyse(cfg: StudyConfig, seed: int, model, out: pathlib.Path) -> dict:
     path = out / "analysis.json"
-    settings = {"responses": cfg.analysis_responses, "fraction": cfg.fraction}
+    settings = {"responses": cfg.analysis_responses, "fraction": cfg.fraction, "endpoints": 1}
     if path.exists() and (saved := json.loads(path.read_text()))["settings"] == settings:
         return saved
     task, (prompt_len, new) = task_of(cfg, seed), cfg.lengths()
@@ -402,6 +404,14 @@ def analyse(cfg: StudyConfig, seed: int, model, out: pathlib.Path) -> dict:
                 for name, s in scores.items()
             }
         rows.update({f"{name} | {label}": m for name, m in done[layers].items()})
+    default = f"middle third {list(middle)} (default)"
+    for sink, source in ENDPOINTS[1:]:  # FlowTracer's other sinks and sources, default layers
+        ends = credit.CreditConfig(sink=sink, source=source)
+        tau_BxT, _ = jax.jit(
+            lambda m, b, c=ends: evaluation.throughput(m, b, capture.CaptureSpec(), c)
+        )(model, batch)
+        row = score_metrics(np.asarray(tau_BxT, np.float64)[keep_B], truth, True, cfg.fraction)
+        rows[f"flowtracer sink={sink} source={source} | {default}"] = row
     result = {
         "settings": settings,
         "responses_with_answer": int(keep_B.sum()),

@@ -41,6 +41,10 @@ _MISSING_HINTS = {
 }
 
 
+SINKS = ("answer", "predictors", "both")
+SOURCES = ("prompt", "no_bos")
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class CreditInputs:
@@ -73,6 +77,11 @@ class CreditConfig:
     select_fraction: share of the batch's response tokens kept by `entropy_select` (80/20 rule).
     attention_window: how many later queries the attention baselines read (None: all).
     block_size: FlowTracer's triangular-solve block (speed only; results do not depend on it).
+    sink: where FlowTracer's flow ends (see `endpoints`): "answer" (the answer tokens, the
+        paper), "predictors" (the response rows whose next token is an answer token: the rows
+        that produce the answer), "both".
+    source: where it starts: "prompt" (every prompt token, the paper), "no_bos" (the prompt
+        less its first token, the beginning-of-sequence token that attention sinks onto).
     """
 
     name: str = "flowtracer"  # a registered credit variant (--plugins adds your own)
@@ -81,9 +90,15 @@ class CreditConfig:
     select_fraction: float = 0.2
     attention_window: int | None = None
     block_size: int = 64
+    sink: str = "answer"
+    source: str = "prompt"
 
     def __post_init__(self):
         get(self.name)
+        if self.sink not in SINKS:
+            raise ValueError(f"CreditConfig.sink must be one of {SINKS}, got {self.sink!r}")
+        if self.source not in SOURCES:
+            raise ValueError(f"CreditConfig.source must be one of {SOURCES}, got {self.source!r}")
         for field in ("top_fraction", "select_fraction"):
             value = getattr(self, field)
             if not 0.0 < value <= 1.0:
@@ -243,16 +258,34 @@ def uniform(inputs: CreditInputs, cfg: CreditConfig) -> jax.Array:
     return inputs.response_mask_BxT.astype(jnp.float32)
 
 
+def endpoints(inputs: CreditInputs, cfg: CreditConfig) -> tuple[jax.Array, jax.Array]:
+    """(source_BxT, sink_BxT): where FlowTracer's flow starts and ends, by `cfg.source`/`sink`.
+
+    "predictors" are the response tokens whose next token is an answer token (row t predicts
+    token t + 1); a predictor that is a prompt token (an answer that opens the response) is
+    left out, so source and sink never overlap. "no_bos" drops each row's first prompt token.
+    """
+    prompt_BxT, response_BxT = inputs.prompt_mask_BxT, inputs.response_mask_BxT
+    answer_BxT = inputs.answer_mask_BxT & (prompt_BxT | response_BxT)
+    next_is_answer_BxT = jnp.pad(answer_BxT[:, 1:], ((0, 0), (0, 1)))
+    predictors_BxT = next_is_answer_BxT & response_BxT
+    sink_BxT = {
+        "answer": answer_BxT,
+        "predictors": predictors_BxT,
+        "both": answer_BxT | predictors_BxT,
+    }[cfg.sink]
+    source_BxT = prompt_BxT
+    if cfg.source == "no_bos":
+        first_BxT = jnp.cumsum(prompt_BxT, axis=-1) == 1
+        source_BxT = prompt_BxT & ~first_BxT
+    return source_BxT, sink_BxT
+
+
 def throughput(inputs: CreditInputs, cfg: CreditConfig) -> tuple[jax.Array, jax.Array]:
-    """FlowTracer's tau_BxT (source = prompt, sink = answer) and whether each row has a sink."""
+    """FlowTracer's tau_BxT (source and sink from `endpoints`) and whether each row has a sink."""
     valid_BxT = inputs.prompt_mask_BxT | inputs.response_mask_BxT
-    tr = flow.trace(
-        inputs.attn_BxTxT,
-        inputs.prompt_mask_BxT,
-        inputs.answer_mask_BxT,
-        valid_BxT,
-        block_size=cfg.block_size,
-    )
+    source_BxT, sink_BxT = endpoints(inputs, cfg)
+    tr = flow.trace(inputs.attn_BxTxT, source_BxT, sink_BxT, valid_BxT, block_size=cfg.block_size)
     return tr.throughput_BxT, jnp.any(tr.sink_BxT, axis=-1, keepdims=True)
 
 

@@ -148,9 +148,30 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def row_tau(attn_TxT, prompt_T, response_T, answer_T) -> np.ndarray:
+def endpoints(prompt_T, response_T, answer_T, sink: str, source: str):
+    """(source_T, sink_T) of one row, by loops: predictors are response tokens t whose token
+    t + 1 is a (non-padding) answer token; no_bos drops the row's first prompt token."""
+    prompt = np.asarray(prompt_T, dtype=bool)
+    response = np.asarray(response_T, dtype=bool)
+    answer = np.asarray(answer_T, dtype=bool) & (prompt | response)
+    T = prompt.shape[0]
+    predictors = np.zeros(T, bool)
+    for t in range(T - 1):
+        predictors[t] = bool(response[t] and answer[t + 1])
+    sink_T = {"answer": answer, "predictors": predictors, "both": answer | predictors}[sink]
+    source_T = prompt.copy()
+    if source == "no_bos":
+        for t in range(T):
+            if prompt[t]:
+                source_T[t] = False
+                break
+    return source_T, sink_T
+
+
+def row_tau(attn_TxT, prompt_T, response_T, answer_T, sink="answer", source="prompt"):
     valid = np.asarray(prompt_T, dtype=bool) | np.asarray(response_T, dtype=bool)
-    return flow_tau(attn_TxT, prompt_T, answer_T, valid)
+    source_T, sink_T = endpoints(prompt_T, response_T, answer_T, sink, source)
+    return flow_tau(attn_TxT, source_T, sink_T, valid)
 
 
 def credit(
@@ -167,6 +188,8 @@ def credit(
     gamma: float = 1.5,
     select_fraction: float = 0.2,
     attention_window: int | None = None,
+    sink: str = "answer",
+    source: str = "prompt",
 ) -> np.ndarray:
     """Reference gamma_BxT (float64) of the built-in credit variant `name`.
 
@@ -192,19 +215,20 @@ def credit(
         resp = response[b]
         n = int(resp.sum())
         k = selection_count(n, top_fraction)
-        empty_sink = not (answer[b] & valid[b]).any()
+        ends = endpoints(prompt[b], resp, answer[b], sink, source)
+        empty_sink = not ends[1].any()
         if name == "uniform" or (name in FLOW_VARIANTS and empty_sink):
             out[b] = np.where(resp, 1.0, 0.0)
         elif name == "flowtracer":
-            tau = row_tau(attn_BxTxT[b], prompt[b], resp, answer[b])
+            tau = row_tau(attn_BxTxT[b], prompt[b], resp, answer[b], sink, source)
             out[b] = _weights(top_k(tau, resp, k, positive_only=True), resp, gamma)
         elif name == "flowtracer_inverse":
-            tau = row_tau(attn_BxTxT[b], prompt[b], resp, answer[b])
+            tau = row_tau(attn_BxTxT[b], prompt[b], resp, answer[b], sink, source)
             out[b] = _weights(bottom_k(tau, resp, k), resp, gamma)
         elif name == "flowtracer_soft":
             if n == 0:
                 continue
-            tau = row_tau(attn_BxTxT[b], prompt[b], resp, answer[b])
+            tau = row_tau(attn_BxTxT[b], prompt[b], resp, answer[b], sink, source)
             mean = tau[resp].mean()
             std = tau[resp].std()  # population std
             z = (tau[resp] - mean) / (std + SOFT_EPS)

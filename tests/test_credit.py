@@ -117,6 +117,8 @@ class Case:
             gamma=cfg.gamma,
             select_fraction=cfg.select_fraction,
             attention_window=cfg.attention_window,
+            sink=cfg.sink,
+            source=cfg.source,
         )
 
     def padded(self, T: int) -> Case:
@@ -499,6 +501,54 @@ def test_pointwise_attention_window(case_name, variant, window):
     _check(gamma_of(case_name, cfg), case(case_name).reference(cfg))
 
 
+# The default pair (answer, prompt) is test_matches_reference; the controls share `throughput`,
+# so one of them per case suffices.
+ENDPOINT_CONFIGS = [
+    *(
+        ("flowtracer", k, s)
+        for k in credit.SINKS
+        for s in credit.SOURCES
+        if (k, s) != ("answer", "prompt")
+    ),
+    ("flowtracer_soft", "predictors", "no_bos"),
+]
+
+
+@pytest.mark.parametrize(("variant", "sink", "source"), ENDPOINT_CONFIGS)
+@pytest.mark.parametrize("case_name", sorted(CASE_SPECS))
+def test_sink_and_source_choices_match_reference(case_name, variant, sink, source):
+    cfg = _cfg(variant, top_fraction=0.4, sink=sink, source=source)
+    _check(gamma_of(case_name, cfg), case(case_name).reference(cfg))
+
+
+def test_endpoints_by_hand():
+    # [pad] p p r r a a r [pad]: predictors are the response rows before an answer token
+    prompt = np.array([[0, 1, 1, 0, 0, 0, 0, 0, 0]], bool)
+    response = np.array([[0, 0, 0, 1, 1, 1, 1, 1, 0]], bool)
+    answer = np.array([[0, 0, 0, 0, 0, 1, 1, 0, 1]], bool)  # the last one is on padding
+    inputs = CreditInputs(jnp.asarray(prompt), jnp.asarray(response), jnp.asarray(answer))
+    want = {
+        "answer": [0, 0, 0, 0, 0, 1, 1, 0, 0],
+        "predictors": [0, 0, 0, 0, 1, 1, 0, 0, 0],
+        "both": [0, 0, 0, 0, 1, 1, 1, 0, 0],
+    }
+    for sink, sink_T in want.items():
+        source_BxT, sink_BxT = credit.endpoints(inputs, _cfg("flowtracer", sink=sink))
+        np.testing.assert_array_equal(np.asarray(sink_BxT)[0], np.array(sink_T, bool))
+        np.testing.assert_array_equal(np.asarray(source_BxT), prompt)
+    source_BxT, _ = credit.endpoints(inputs, _cfg("flowtracer", source="no_bos"))
+    np.testing.assert_array_equal(np.asarray(source_BxT)[0], np.array([0, 0, 1] + [0] * 6, bool))
+
+
+def test_predictor_sink_of_an_answer_that_opens_the_response_is_empty():
+    prompt = np.array([[1, 1, 0, 0]], bool)
+    response = np.array([[0, 0, 1, 1]], bool)
+    answer = np.array([[0, 0, 1, 0]], bool)
+    inputs = CreditInputs(jnp.asarray(prompt), jnp.asarray(response), jnp.asarray(answer))
+    _, sink_BxT = credit.endpoints(inputs, _cfg("flowtracer", sink="predictors"))
+    assert not np.asarray(sink_BxT).any()  # the prompt's last token is a source, never a sink
+
+
 @pytest.mark.parametrize("select_fraction", [0.2, 0.5, 1.0])
 @pytest.mark.parametrize("case_name", sorted(CASE_SPECS))
 def test_entropy_select_matches_reference(case_name, select_fraction):
@@ -843,6 +893,8 @@ def test_uniform_needs_only_masks():
         dict(select_fraction=1.5),
         dict(attention_window=0),
         dict(attention_window=-3),
+        dict(sink="answers"),
+        dict(source="question"),
     ],
 )
 def test_config_validation(bad):

@@ -253,12 +253,16 @@ def test_branches_study_analysis_and_gate_end_to_end(tmp_path, capsys):
     layers = ["layer 0", "layer 1", "middle third [0] (default)", "all layers"]
     want = {f"{name} | -" for name in branches_study.FIXED_SCORES}
     want |= {f"{name} | {layer}" for name in branches_study.FLOW_SCORES for layer in layers}
+    want |= {
+        f"flowtracer sink={sink} source={source} | {layers[2]}"
+        for sink, source in branches_study.ENDPOINTS[1:]
+    }
     assert set(seed["rows"]) == want
     for name, row in seed["rows"].items():
         assert f"| {name} |" in table
         for key in ("precision", "auc", "value_precision", "value_auc"):
             assert 0.0 <= row[key] <= 1.0, (name, key)
-        if name.split(" | ")[0] in branches_study.FLOW_SCORES:
+        if name.split(" | ")[0].split(" sink=")[0] in branches_study.FLOW_SCORES:
             assert 0.0 <= row["leak_share"] <= 1.0 and 0.0 <= row["queried_share"] <= 1.0
             assert row["leak_share"] + row["queried_share"] <= 1.0 + 1e-9
         else:
