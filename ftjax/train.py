@@ -26,7 +26,7 @@ from ftjax import checkpoint, masked, microbatch, rl, sharding
 from ftjax import credit as credit_lib
 from ftjax.capture import NONE, CaptureSpec
 from ftjax.checkpoint import Checkpointer
-from ftjax.models.transformer import check_remat
+from ftjax.models.transformer import check_attention_implementation, check_remat
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # fused: the training forward's captured layers give the map (no extra pass; their explicit
@@ -76,6 +76,9 @@ class StepConfig:
     compute_dtype: str = "float32"  # forward/backward dtype; master params, Adam stay float32
     credit_pass: str = "fused"  # credit from the training forward, or a "separate" no-grad one
     scan_layers: bool = False  # alike layers as one lax.scan: compile time flat in depth
+    # jax.nn.dot_product_attention's implementation for the layers that do not capture: "xla"
+    # (every backend) or "cudnn" (cuDNN flash attention: NVIDIA GPUs, compute_dtype bfloat16)
+    attention: str = "xla"
 
     def __post_init__(self):
         for name in ("micro_batch", "logit_chunk"):
@@ -83,6 +86,12 @@ class StepConfig:
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"StepConfig.{name} must be None or an int >= 1, got {value!r}")
         check_remat(self.remat)
+        check_attention_implementation(self.attention)
+        if self.attention == "cudnn" and self.compute_dtype == "float32":
+            raise ValueError(
+                "StepConfig.attention 'cudnn' needs StepConfig.compute_dtype 'bfloat16' "
+                "(cuDNN flash attention has no float32 kernel)"
+            )
         if self.credit_pass not in CREDIT_PASSES:
             raise ValueError(
                 f"unknown StepConfig.credit_pass {self.credit_pass!r}; known: {CREDIT_PASSES}"
@@ -219,13 +228,20 @@ def sequence_log_probs(
     remat: str = "none",
     logit_chunk: int | None = None,
     scan_layers: bool = False,
+    attention: str = "xla",
 ):
     """Per-token log-probs and entropies (float32) of the batch's own tokens, and the captured
     map. With `logit_chunk`, no B x T x V logits exist: they are made and dropped that many
     tokens at a time, and recomputed in the backward pass (`rl.chunked_next_token_log_probs`).
-    `remat` and `scan_layers` are the model's (`Transformer.__call__`)."""
+    `remat`, `scan_layers` and `attention` are the model's (`Transformer.__call__`)."""
     valid_BxT = batch.prompt_mask_BxT | batch.response_mask_BxT
-    kw = dict(valid_BxT=valid_BxT, capture=spec, remat=remat, scan_layers=scan_layers)
+    kw = dict(
+        valid_BxT=valid_BxT,
+        capture=spec,
+        remat=remat,
+        scan_layers=scan_layers,
+        attention=attention,
+    )
     if logit_chunk is None:
         out = model(batch.tokens_BxT, **kw)
         logp, entropy = rl.next_token_log_probs(out.logits_BxTxV, batch.tokens_BxT)
@@ -348,7 +364,7 @@ def batch_grads(
         (part_batch, adv_B, weights), k = part
         model = policy_model(graphdef, params, cfg)
         logp, entropy, attn = sequence_log_probs(
-            model, part_batch, spec, cfg.remat, cfg.logit_chunk, cfg.scan_layers
+            model, part_batch, spec, cfg.remat, cfg.logit_chunk, cfg.scan_layers, cfg.attention
         )
         gamma = part_batch.gamma_BxT
         if gamma is None:
@@ -460,7 +476,7 @@ def forward_credit(
     def one_pass(part):
         part_batch, k = part
         logp, entropy, attn = sequence_log_probs(
-            model, part_batch, spec, "none", cfg.logit_chunk, cfg.scan_layers
+            model, part_batch, spec, "none", cfg.logit_chunk, cfg.scan_layers, cfg.attention
         )
         key = credit_rng if n == 1 else jax.random.fold_in(credit_rng, k)
         gamma = credit_weights(part_batch, cfg, logp, entropy, attn, key) if per_pass else logp
@@ -584,7 +600,9 @@ def response_log_probs(
     n = microbatch.passes(batch.tokens_BxT.shape[0], cfg.micro_batch, shards)
 
     def one_pass(part):
-        return sequence_log_probs(model, part, NONE, "none", cfg.logit_chunk, cfg.scan_layers)[0]
+        return sequence_log_probs(
+            model, part, NONE, "none", cfg.logit_chunk, cfg.scan_layers, cfg.attention
+        )[0]
 
     parts = microbatch.split(batch, n, shards, mesh)
     logp_BxT = microbatch.merge(microbatch.forward(one_pass, parts, n), shards, mesh)

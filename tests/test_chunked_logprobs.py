@@ -62,8 +62,9 @@ def random_tokens(vocab: int = 128, shape=(B, T), seed: int = 0):
 def assert_trees_close(actual, expected, tol=TOL):
     """Leaf by leaf, within tol relative to the leaf's largest magnitude (gradients of different
     parameters live on different scales)."""
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected),
-                            strict=True):
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected), strict=True
+    ):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         scale = max(1.0, float(np.max(np.abs(b))))
         np.testing.assert_allclose(a, b, rtol=0, atol=tol * scale, err_msg=str(path))
@@ -160,8 +161,9 @@ def test_logits_false_returns_the_hidden_states_unembed_maps():
     hidden = model(tokens, logits=False)
     assert full.hidden_BxTxE is None and hidden.logits_BxTxV is None
     assert hidden.hidden_BxTxE.shape == (B, T, model.cfg.hidden_size)
-    np.testing.assert_array_equal(np.asarray(model.unembed(hidden.hidden_BxTxE)),
-                                  np.asarray(full.logits_BxTxV))
+    np.testing.assert_array_equal(
+        np.asarray(model.unembed(hidden.hidden_BxTxE)), np.asarray(full.logits_BxTxV)
+    )
 
 
 def test_chunked_log_probs_plan_no_full_logits():
@@ -182,16 +184,20 @@ def test_chunked_log_probs_plan_no_full_logits():
                 *rl.chunked_next_token_log_probs(hidden_BxTxE, tokens_BxT, model.unembed, chunk)
             )
 
-        args = (jax.ShapeDtypeStruct((B, length, E), jnp.float32),
-                jax.ShapeDtypeStruct((B, length), jnp.int32))
+        args = (
+            jax.ShapeDtypeStruct((B, length, E), jnp.float32),
+            jax.ShapeDtypeStruct((B, length), jnp.int32),
+        )
         compiled = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(params, *args).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
     length = 512
     logits_bytes = B * length * V * 4
     full, chunked = temp_bytes(None, length), temp_bytes(chunk, length)
-    print(f"temp MiB: full {full / 2**20:.1f}, chunked {chunked / 2**20:.1f}, "
-          f"B x T x V logits {logits_bytes / 2**20:.1f}")
+    print(
+        f"temp MiB: full {full / 2**20:.1f}, chunked {chunked / 2**20:.1f}, "
+        f"B x T x V logits {logits_bytes / 2**20:.1f}"
+    )
     assert full >= logits_bytes
     assert chunked < logits_bytes / 4
     assert abs(temp_bytes(chunk, 2 * length) - chunked) < logits_bytes / 32
@@ -208,6 +214,25 @@ def test_remat_names_are_checked():
     model = nnx.merge(*model_parts("qwen3-untied"))
     with pytest.raises(ValueError, match="'everything'"):
         model(random_tokens(), remat="everything")
+
+
+def test_attention_implementations_are_checked_before_any_work():
+    model = nnx.merge(*model_parts("qwen3-untied"))
+    with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+        model(random_tokens(), attention="flash")
+    with pytest.raises(ValueError, match="'cudnn' needs bfloat16 or float16 queries, got float32"):
+        model(random_tokens(), attention="cudnn")  # a float32 model
+    if jax.default_backend() != "gpu":
+        graphdef, params = model_parts("qwen3-untied")
+        bf16 = nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(jnp.bfloat16), params))
+        with pytest.raises(ValueError, match="'cudnn' needs an NVIDIA GPU"):
+            bf16(random_tokens(), attention="cudnn")
+    # "xla" is the default: the same numbers, exactly
+    tokens = random_tokens()
+    np.testing.assert_array_equal(
+        np.asarray(model(tokens, attention="xla").logits_BxTxV),
+        np.asarray(model(tokens).logits_BxTxV),
+    )
 
 
 def test_remat_with_a_cache_is_refused():
@@ -231,12 +256,14 @@ def remat_loss_and_grad(graphdef, params, tokens, remat, capture):
     return jax.value_and_grad(loss, has_aux=True)(params)
 
 
-@pytest.mark.parametrize("capture", [NONE, CaptureSpec(mode="layers", layers=(1,))],
-                         ids=["no-capture", "capture"])
+@pytest.mark.parametrize(
+    "capture", [NONE, CaptureSpec(mode="layers", layers=(1,))], ids=["no-capture", "capture"]
+)
 @pytest.mark.parametrize(
     # gemma3 (soft-capped, sandwich norms) in the slow suite only, for CI time: the remat wrapper
     # is the same code for every family.
-    "name", ["qwen3-untied", pytest.param("gemma3-softcap", marks=pytest.mark.slow)]
+    "name",
+    ["qwen3-untied", pytest.param("gemma3-softcap", marks=pytest.mark.slow)],
 )
 def test_remat_equals_no_remat(name, capture):
     graphdef, params = model_parts(name, num_layers=2)
@@ -291,11 +318,17 @@ def test_remat_lowers_planned_memory():
         [os.environ.get("XLA_FLAGS", ""), "--xla_cpu_enable_concurrency_optimized_scheduler=false"]
     )
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)}
-    proc = subprocess.run([sys.executable, "-c", REMAT_MEMORY], cwd=root, env=env, text=True,
-                          capture_output=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", REMAT_MEMORY],
+        cwd=root,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (line,) = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    temp = json.loads(line[len("RESULT "):])
+    temp = json.loads(line[len("RESULT ") :])
     print({key: f"{value / 2**20:.1f} MiB" for key, value in temp.items()})
     for mode in ("none", "layers"):
         none, full, dots = (temp[f"{mode}/{remat}"] for remat in REMAT_POLICIES)
@@ -307,8 +340,9 @@ def test_captured_chunks_are_recomputed_under_remat():
     """A captured layer's explicit attention keeps B x H x T x S probabilities for the backward
     pass, one chunk per loop step; under layer remat (`remat_chunks`) each chunk is recomputed
     instead. Same output and gradient; the plan drops by at least those probabilities' size."""
-    cfg = tiny("qwen3", num_layers=1, num_heads=8, num_kv_heads=2, head_dim=16,
-               max_position_embeddings=512)
+    cfg = tiny(
+        "qwen3", num_layers=1, num_heads=8, num_kv_heads=2, head_dim=16, max_position_embeddings=512
+    )
     attention = Transformer(cfg, rngs=nnx.Rngs(0)).layers[0].self_attn
     graphdef, params = nnx.split(attention)
     Bm, Tm = 2, 512
@@ -350,8 +384,10 @@ def scan_loss_and_grad(graphdef, params, tokens, remat, capture, scan_layers):
 @pytest.mark.parametrize("remat", ["none", "full"])
 @pytest.mark.parametrize(
     "name,capture",
-    [("qwen3-untied", CaptureSpec(mode="layers", layers=(1, 2))),  # stretches [0] [1,2] [3]
-     ("gemma3-softcap", CaptureSpec())],  # sliding x3 + full: stretches by structure too
+    [
+        ("qwen3-untied", CaptureSpec(mode="layers", layers=(1, 2))),  # stretches [0] [1,2] [3]
+        ("gemma3-softcap", CaptureSpec()),
+    ],  # sliding x3 + full: stretches by structure too
     ids=["qwen3", "gemma3"],
 )
 def test_scanned_layers_equal_unrolled(name, capture, remat):

@@ -224,6 +224,22 @@ def test_memory_knobs_leave_the_gradient_unchanged(knobs):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: tied, scaled embeddings
+def test_bfloat16_compute_runs_in_bfloat16(family):
+    """The cast policy computes in bfloat16 (its residual stream and every matmul), not in
+    float32 with bfloat16-rounded weights; logits, log-softmax and the map stay float32."""
+    model = transformer.Transformer(config.tiny(family), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    policy = train.policy_model(graphdef, params, train.StepConfig(compute_dtype="bfloat16"))
+    tokens = make_batch().tokens_BxT
+    assert policy(tokens, logits=False).hidden_BxTxE.dtype == jnp.bfloat16
+    jaxpr = jax.make_jaxpr(lambda t: policy(t).logits_BxTxV)(tokens)
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert dots and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
+    out = policy(tokens, capture=train.CaptureSpec())
+    assert out.logits_BxTxV.dtype == jnp.float32 and out.attn_BxTxS.dtype == jnp.float32
+
+
 def test_bfloat16_compute_stays_close_to_float32(one_pass):
     """bf16 has an 8-bit mantissa (relative rounding 2^-9 = 0.2%) and the tiny model's logits
     pass through 2 layers of bf16 matmuls, so the loss and gradient norm move by ~1e-2; the

@@ -80,15 +80,17 @@ def test_sharded_step_equals_single_device(single_device, shape):
 
 def test_uniform_credit_is_plain_grpo():
     batch = make_batch()
-    cfg = train.StepConfig(group_size=4, credit=credit.CreditConfig(name="uniform"),
-                           optim=train.OptimConfig(lr=1e-3))
+    cfg = train.StepConfig(
+        group_size=4, credit=credit.CreditConfig(name="uniform"), optim=train.OptimConfig(lr=1e-3)
+    )
     _, history, _ = run_steps(sharding.MeshConfig(1, 1), cfg, batch, steps=1)
     model = transformer.Transformer(MODEL, rngs=nnx.Rngs(0))
     logp, _, _ = train.sequence_log_probs(model, batch, train.NONE)
     adv = rl.group_advantages(batch.rewards_B, 4)
     ones = jnp.ones((B, T))
-    want, _ = rl.policy_loss(logp, batch.old_log_probs_BxT, adv, ones, batch.response_mask_BxT,
-                             cfg.loss)
+    want, _ = rl.policy_loss(
+        logp, batch.old_log_probs_BxT, adv, ones, batch.response_mask_BxT, cfg.loss
+    )
     # The reference forward runs eagerly, the step's inside jit: fusion rounds differently (~1e-6).
     np.testing.assert_allclose(history[0]["loss"], float(want), rtol=1e-5)
     assert history[0]["credit/gamma_mean"] == 1.0
@@ -102,8 +104,9 @@ def test_fused_flowtracer_credit_matches_separate_forward():
     rng = jax.random.split(jax.random.PRNGKey(0))[1]
     gamma = train.credit_weights(batch, CFG, logp, entropy, attn, rng)
     response = np.asarray(batch.response_mask_BxT)
-    np.testing.assert_allclose(history[0]["credit/gamma_mean"],
-                               np.asarray(gamma)[response].mean(), rtol=1e-6)
+    np.testing.assert_allclose(
+        history[0]["credit/gamma_mean"], np.asarray(gamma)[response].mean(), rtol=1e-6
+    )
     assert 1.0 < history[0]["credit/gamma_mean"] < 1.5
     assert history[0]["credit/no_answer_fraction"] == pytest.approx(1 / 8)
 
@@ -114,8 +117,9 @@ def test_nonfinite_step_is_skipped_and_counted():
     assert [h["skipped_nonfinite"] for h in history] == [1.0, 1.0]
     assert int(state.step) == 0 and int(state.nonfinite_streak) == 2
     fresh = transformer.Transformer(MODEL, rngs=nnx.Rngs(0))
-    for got, want in zip(as_numpy(state.params), as_numpy(nnx.state(fresh, nnx.Param)),
-                         strict=True):
+    for got, want in zip(
+        as_numpy(state.params), as_numpy(nnx.state(fresh, nnx.Param)), strict=True
+    ):
         np.testing.assert_array_equal(got, want)
         assert np.all(np.isfinite(got))
 
@@ -125,8 +129,9 @@ def test_batch_not_divisible_by_mesh_is_rejected_before_compile():
     graphdef, state = train.init_state(model, CFG, jax.random.PRNGKey(0))
     batch = jax.tree.map(lambda x: x[:6], make_batch())
     with pytest.raises(ValueError, match="divisible"):
-        train.make_train_step(graphdef, state, batch, CFG, sharding.make_mesh(
-            sharding.MeshConfig(8, 1)))
+        train.make_train_step(
+            graphdef, state, batch, CFG, sharding.make_mesh(sharding.MeshConfig(8, 1))
+        )
 
 
 def test_mesh_larger_than_devices_is_rejected():
@@ -162,6 +167,7 @@ def test_kl_term_against_the_initial_policy_matches_float64():
     """The KL reference is a frozen copy of the initial parameters; the step's KL term equals
     the float64 k3 estimate over response tokens, from the two policies' own logits."""
     import reference_rl  # here: the 2-process workers import this module from the repo root
+
     batch = make_batch()
     cfg = dataclasses.replace(CFG, loss=rl.LossConfig(kl_coef=0.1))
     initial = transformer.Transformer(MODEL, rngs=nnx.Rngs(0))
@@ -226,6 +232,8 @@ def test_nonfinite_update_is_skipped_and_named():
         (lambda: train.OptimConfig(b2=1.0), "b2"),
         (lambda: train.OptimConfig(max_nonfinite_steps=0), "max_nonfinite_steps"),
         (lambda: train.StepConfig(group_size=1), "group_size 1"),
+        (lambda: train.StepConfig(attention="flash"), "unknown attention implementation 'flash'"),
+        (lambda: train.StepConfig(attention="cudnn"), "'cudnn' needs StepConfig.compute_dtype"),
     ],
 )
 def test_configs_that_can_never_work_are_refused(make, message):

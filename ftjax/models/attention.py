@@ -54,6 +54,37 @@ def apply_rope(x_BxTxNxD, positions_BxT, inv_freq):
     return x_BxTxNxD * cos.astype(x_BxTxNxD.dtype) + rotated * sin.astype(x_BxTxNxD.dtype)
 
 
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+def check_attention_implementation(name: str, dtype=None) -> str:
+    """`name` if it is a known implementation (and, given a dtype, one cuDNN accepts), else a
+    ValueError naming the problem."""
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown attention implementation {name!r}; known: {ATTENTION_IMPLEMENTATIONS}"
+        )
+    if (
+        name == "cudnn"
+        and dtype is not None
+        and jnp.dtype(dtype)
+        not in (
+            jnp.bfloat16,
+            jnp.float16,
+        )
+    ):
+        raise ValueError(
+            f"attention implementation 'cudnn' needs bfloat16 or float16 queries, got "
+            f"{jnp.dtype(dtype)} (train with --step.compute_dtype bfloat16)"
+        )
+    if name == "cudnn" and dtype is not None and jax.default_backend() != "gpu":
+        raise ValueError(
+            f"attention implementation 'cudnn' needs an NVIDIA GPU; JAX's backend here is "
+            f"{jax.default_backend()!r} (use 'xla')"
+        )
+    return name
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs, dtype, param_dtype):
         E, H, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -76,7 +107,14 @@ class Attention(nnx.Module):
         self.softcap = cfg.attn_logit_softcap
 
     def __call__(
-        self, x_BxTxE, positions_BxT, slots, past_kv=None, capture_into=None, remat_chunks=False
+        self,
+        x_BxTxE,
+        positions_BxT,
+        slots,
+        past_kv=None,
+        capture_into=None,
+        remat_chunks=False,
+        implementation: str = "xla",
     ):
         """Returns (out_BxTxE, map_BxTxS or None, this step's (k_BxTxKxD, v_BxTxKxD)).
 
@@ -87,7 +125,10 @@ class Attention(nnx.Module):
         map_BxTxS plus each row's head-mean probabilities times its weight. None: no map, and
         `jax.nn.dot_product_attention` unless logits are soft-capped, which it cannot do.
         remat_chunks: the explicit path recomputes each query chunk's probabilities in the
-        backward pass instead of keeping B x H x T x S of them (set under layer remat)."""
+        backward pass instead of keeping B x H x T x S of them (set under layer remat).
+        implementation: `jax.nn.dot_product_attention`'s for the layers that do not capture:
+        "xla" (every backend) or "cudnn" (cuDNN flash attention; NVIDIA GPUs, bfloat16 or
+        float16 only, checked here with an error naming the dtype)."""
         B, T, _ = x_BxTxE.shape
         H, K, D = self.heads, self.kv_heads, self.head_dim
         q_BxTxHxD, k_BxTxKxD, v_BxTxKxD = self._project(x_BxTxE, positions_BxT)
@@ -104,8 +145,14 @@ class Attention(nnx.Module):
             ).astype(v_BxTxKxD.dtype)
         if capture_into is None and not self.softcap:
             mask_Bx1xTxS = self._mask(*slots)[:, None]
+            check_attention_implementation(implementation, q_BxTxHxD.dtype)
             out = jax.nn.dot_product_attention(
-                q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask_Bx1xTxS, scale=self.scale
+                q_BxTxHxD,
+                k_BxSxKxD,
+                v_BxSxKxD,
+                mask=mask_Bx1xTxS,
+                scale=self.scale,
+                implementation=implementation,
             )
             map_BxTxS = None
         else:

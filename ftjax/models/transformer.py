@@ -25,9 +25,11 @@ from flax import nnx
 
 from ftjax import capture as capture_lib
 from ftjax.models.attention import (  # noqa: F401 (the RoPE and mask helpers: re-exported)
+    ATTENTION_IMPLEMENTATIONS,
     Attention,
     apply_rope,
     attention_mask,
+    check_attention_implementation,
     rope_inverse_frequencies,
 )
 from ftjax.models.config import ModelConfig
@@ -124,11 +126,24 @@ class Block(nnx.Module):
             self.post_feedforward_layernorm = norm()
 
     def __call__(
-        self, x_BxTxE, positions_BxT, slots, past_kv=None, capture_into=None, remat_chunks=False
+        self,
+        x_BxTxE,
+        positions_BxT,
+        slots,
+        past_kv=None,
+        capture_into=None,
+        remat_chunks=False,
+        implementation="xla",
     ):
         """Returns (x_BxTxE, map_BxTxS or None, (k, v)); the arguments are `Attention`'s."""
         h, map_BxTxS, new_kv = self.self_attn(
-            self.input_layernorm(x_BxTxE), positions_BxT, slots, past_kv, capture_into, remat_chunks
+            self.input_layernorm(x_BxTxE),
+            positions_BxT,
+            slots,
+            past_kv,
+            capture_into,
+            remat_chunks,
+            implementation,
         )
         if self.sandwich:
             x_BxTxE = x_BxTxE + self.post_attention_layernorm(h)
@@ -144,6 +159,7 @@ class Block(nnx.Module):
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
         self.cfg = cfg
+        self.dtype = dtype  # None: compute in the parameters' dtype, whatever they are cast to
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size,
             cfg.hidden_size,
@@ -170,6 +186,7 @@ class Transformer(nnx.Module):
         logits: bool = True,
         remat: str = "none",
         scan_layers: bool = False,
+        attention: str = "xla",
     ) -> ForwardOutput:
         """Forward pass. Without a cache, positions default to the count of earlier valid tokens
         (left padding gets real positions); with one, tokens fill slots [index, index + T).
@@ -180,8 +197,10 @@ class Transformer(nnx.Module):
         scan_layers: run each stretch of alike layers (same structure, captured or not) as one
         `jax.lax.scan` over their stacked parameters, so the program holds one copy of the layer
         per stretch instead of one per layer: compile time stops growing with depth (a 36-layer
-        model compiles about as fast as a 3-layer one). Same result; without a cache only."""
+        model compiles about as fast as a 3-layer one). Same result; without a cache only.
+        attention: the implementation of the layers that do not capture (`Attention`)."""
         check_remat(remat)
+        check_attention_implementation(attention)
         if scan_layers and cache is not None:
             raise ValueError("scan_layers is for a forward pass without a cache")
         if remat != "none" and cache is not None:
@@ -190,16 +209,21 @@ class Transformer(nnx.Module):
         positions_BxT, slots = self._positions_and_slots(valid_BxT, positions_BxT, cache)
         captured = capture_lib.captured_layers(capture, self.cfg.num_layers)
         x_BxTxE = self.embed_tokens(tokens_BxT)
+        if self.dtype is None:
+            # nnx.Embed fixed its output dtype to the parameters' dtype when it was built
+            # (float32 master weights); parameters cast later (train.policy_model's bfloat16)
+            # must set the residual stream's dtype, or every layer computes in float32.
+            x_BxTxE = x_BxTxE.astype(self.embed_tokens.embedding.dtype)
         if self.cfg.scale_embeddings:
             x_BxTxE = x_BxTxE * jnp.asarray(math.sqrt(self.cfg.hidden_size), x_BxTxE.dtype)
         if scan_layers:
             x_BxTxE, attn_BxTxS = self._scanned_blocks(
-                x_BxTxE, positions_BxT, slots, valid_BxT, captured, remat
+                x_BxTxE, positions_BxT, slots, valid_BxT, captured, remat, attention
             )
             new_kv = None
         else:
             x_BxTxE, attn_BxTxS, new_kv = self._blocks(
-                x_BxTxE, positions_BxT, slots, valid_BxT, captured, cache, remat
+                x_BxTxE, positions_BxT, slots, valid_BxT, captured, cache, remat, attention
             )
         new_cache = None if cache is None else _updated_cache(cache, new_kv, slots[1])
         hidden_BxTxE = self.norm(x_BxTxE)
@@ -210,7 +234,10 @@ class Transformer(nnx.Module):
     def unembed(self, hidden_BxTxE) -> jax.Array:
         """float32 logits B x T x V of final-normed hidden states (any B, T): the lm_head or the
         tied embedding, then the final logit softcap if the model has one."""
-        if self.cfg.tie_embeddings:
+        if self.cfg.tie_embeddings and self.dtype is None:  # the parameters' dtype, as above
+            embedding_VxE = self.embed_tokens.embedding[...]
+            logits_BxTxV = jnp.dot(hidden_BxTxE.astype(embedding_VxE.dtype), embedding_VxE.T)
+        elif self.cfg.tie_embeddings:
             logits_BxTxV = self.embed_tokens.attend(hidden_BxTxE)
         else:
             logits_BxTxV = self.lm_head(hidden_BxTxE)
@@ -236,7 +263,7 @@ class Transformer(nnx.Module):
         key_valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, valid_BxT, index, 1)
         return positions_BxT, (query_slot_BxT, key_valid_BxS)
 
-    def _blocks(self, x_BxTxE, positions_BxT, slots, valid_BxT, captured, cache, remat):
+    def _blocks(self, x_BxTxE, positions_BxT, slots, valid_BxT, captured, cache, remat, attention):
         """Every block in order: (x_BxTxE, attn_BxTxS or None, each layer's new (k, v)).
 
         One map serves all captured layers, each adding its valid rows' head mean / L in place,
@@ -249,13 +276,14 @@ class Transformer(nnx.Module):
                 past_kv = (cache.k_LxBxSxKxD[i], cache.v_LxBxSxKxD[i], cache.index)
             into = (attn_BxTxS, row_weight_BxT) if i in captured else None
             block = layer if remat == "none" else _rematerialised(layer, remat)
-            x_BxTxE, map_BxTxS, kv = block(x_BxTxE, positions_BxT, slots, past_kv, into)
+            x_BxTxE, map_BxTxS, kv = block(
+                x_BxTxE, positions_BxT, slots, past_kv, into, implementation=attention
+            )
             attn_BxTxS = attn_BxTxS if map_BxTxS is None else map_BxTxS
             new_kv.append(kv)
         return x_BxTxE, attn_BxTxS, new_kv
 
-
-    def _scanned_blocks(self, x_BxTxE, positions_BxT, slots, valid_BxT, captured, remat):
+    def _scanned_blocks(self, x_BxTxE, positions_BxT, slots, valid_BxT, captured, remat, attention):
         """`_blocks` without a cache, each stretch of alike layers as one scan: (x_BxTxE,
         attn_BxTxS or None). The layers' parameters are stacked inside the traced call (a copy
         of the stretch's parameters, each layer's slice read back by the scan)."""
@@ -270,7 +298,13 @@ class Transformer(nnx.Module):
                 x_BxTxE, attn_BxTxS = carry
                 into = (attn_BxTxS, row_weight_BxT) if is_captured else None
                 x_BxTxE, map_BxTxS, _ = nnx.merge(graphdef, state)(
-                    x_BxTxE, positions_BxT, slots, None, into, remat_chunks=remat != "none"
+                    x_BxTxE,
+                    positions_BxT,
+                    slots,
+                    None,
+                    into,
+                    remat_chunks=remat != "none",
+                    implementation=attention,
                 )
                 return (x_BxTxE, attn_BxTxS if map_BxTxS is None else map_BxTxS), None
 
@@ -311,11 +345,11 @@ def _rematerialised(block: Block, remat: str):
     no B x H x T x S probabilities are kept even while the layer itself is recomputed."""
     graphdef, state = nnx.split(block)
 
-    def call(state, *args):
-        return nnx.merge(graphdef, state)(*args, remat_chunks=True)
+    def call(state, implementation, *args):
+        return nnx.merge(graphdef, state)(*args, remat_chunks=True, implementation=implementation)
 
-    checkpointed = jax.checkpoint(call, policy=_CHECKPOINT_POLICY[remat])
-    return lambda *args: checkpointed(state, *args)
+    checkpointed = jax.checkpoint(call, policy=_CHECKPOINT_POLICY[remat], static_argnums=(1,))
+    return lambda *args, implementation="xla": checkpointed(state, implementation, *args)
 
 
 def _updated_cache(cache: KVCache, new_kv, key_valid_BxS) -> KVCache:
