@@ -175,6 +175,17 @@ def warm_policy(cfg: StudyConfig, seed: int, out: pathlib.Path, answer_only: boo
     return model, record
 
 
+def warm_start(cfg: StudyConfig, seed: int, out: pathlib.Path, arms) -> tuple[dict, object]:
+    """(the warm-up's accuracy record, its parameters), or (the record, None) without training
+    or restoring anything when every arm of this seed has a saved result (a study continued
+    from its saved JSON files alone, e.g. experiments/results/branches_study)."""
+    record = out / "warmup.json"
+    if record.exists() and all((out / f"{arm}.json").exists() for arm in arms):
+        return json.loads(record.read_text()), None
+    model, before = warm_policy(cfg, seed, out)
+    return before, nnx.state(model, nnx.Param)
+
+
 def accuracies(model, task, cfg: StudyConfig, seed: int) -> dict[str, float]:
     prompt_len, new = cfg.lengths()
     rng = jax.random.PRNGKey(seed + 7)
@@ -525,8 +536,7 @@ def main(argv: list[str]) -> dict:
         arms = GATE_ARMS if cfg.stage == "gate" else cfg.arms
         results, before = {}, {}
         for s in seeds:
-            model, before[s] = warm_policy(cfg, s, out / f"seed{s}")
-            warm_params = nnx.state(model, nnx.Param)
+            before[s], warm_params = warm_start(cfg, s, out / f"seed{s}", arms)
             for arm in arms:
                 results[(s, arm)] = r = run_arm(cfg, s, arm, warm_params, out / f"seed{s}")
                 print(f"seed {s} {arm:>24}: reward {r['reward_mean']:.3f}, greedy acc "

@@ -304,6 +304,15 @@ def test_branches_study_analysis_and_gate_end_to_end(tmp_path, capsys):
     saved = (out / "seed0" / "oracle.json").stat().st_mtime_ns
     assert branches_study.main(["--stage", "gate", *argv])["runs"] == gate["runs"]
     assert (out / "seed0" / "oracle.json").stat().st_mtime_ns == saved
+    # The saved JSON files alone (no checkpoints) continue the study without training anything.
+    kept = tmp_path / "kept"
+    for path in out.rglob("*.json"):
+        if path.parent.name in ("study", "seed0"):
+            (kept / path.relative_to(out)).parent.mkdir(parents=True, exist_ok=True)
+            (kept / path.relative_to(out)).write_bytes(path.read_bytes())
+    again = branches_study.main(["--stage", "gate", *BRANCHES_TOY, "--out", str(kept)])
+    assert again["runs"] == gate["runs"] and again["before"] == gate["before"]
+    assert not (kept / "seed0" / "warmup").exists()
     with pytest.raises(ValueError, match="rl_steps"):
         branches_study.main(["--stage", "gate", *argv, "--rl_steps", "3"])
 
