@@ -111,6 +111,7 @@ def step_config(spec: dict, micro_batch: int) -> train.StepConfig:
         compute_dtype="bfloat16",
         credit_pass=spec["credit_pass"],
         scan_layers=True,
+        attention=spec.get("attention", "xla"),
     )
 
 
