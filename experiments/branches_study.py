@@ -97,6 +97,9 @@ class StudyConfig:
     fraction: float = 0.4
     prompt_len: int | None = None  # None: the longest prompt the task can make
     max_new_tokens: int | None = None  # None: the longest solver response + 4
+    # Another study's --out whose warm-ups to start from (made under the same task, policy,
+    # warm-up and evaluation settings; checked), e.g. to try another RL budget on the same seeds
+    warmups_from: str | None = None
     progress: bool = False
 
     def __post_init__(self):
@@ -137,6 +140,9 @@ class StudyConfig:
         return self.prompt_len or prompt, self.max_new_tokens or response + 4
 
 
+WARMUP_KEYS = ("task", "policy", "warmup", "eval_prompts", "lengths")  # what defines a warm-up
+
+
 def identity(cfg: StudyConfig) -> dict:
     """The settings every saved warm-up and run under --out was made with."""
     keys = ("task", "policy", "warmup", "rl_steps", "prompts_per_step", "group_size", "lr",
@@ -161,7 +167,10 @@ def show(values) -> str:
 
 
 def warm_policy(cfg: StudyConfig, seed: int, out: pathlib.Path, answer_only: bool = False):
-    """(the seed's warm-up policy, its held-out accuracy record), trained or restored."""
+    """(the seed's warm-up policy, its held-out accuracy record), trained or restored (from
+    --warmups_from's seed directory when it is set)."""
+    if cfg.warmups_from is not None:
+        out = pathlib.Path(cfg.warmups_from) / out.name
     task, (prompt_len, new) = task_of(cfg, seed, answer_only), cfg.lengths()
     name = "warmup_answer_only" if answer_only else "warmup"
     model = common.build_policy(cfg.policy, seed)
@@ -179,7 +188,8 @@ def warm_start(cfg: StudyConfig, seed: int, out: pathlib.Path, arms) -> tuple[di
     """(the warm-up's accuracy record, its parameters), or (the record, None) without training
     or restoring anything when every arm of this seed has a saved result (a study continued
     from its saved JSON files alone, e.g. experiments/results/branches_study)."""
-    record = out / "warmup.json"
+    home = out if cfg.warmups_from is None else pathlib.Path(cfg.warmups_from) / out.name
+    record = home / "warmup.json"
     if record.exists() and all((out / f"{arm}.json").exists() for arm in arms):
         return json.loads(record.read_text()), None
     model, before = warm_policy(cfg, seed, out)
@@ -483,6 +493,17 @@ def analysis_table(per_seed: dict) -> str:
 def check_identity(cfg: StudyConfig, out: pathlib.Path) -> None:
     """Refuse, before any work, an --out whose saved runs were made under other settings."""
     path, current = out / "study.json", identity(cfg)
+    if cfg.warmups_from is not None:
+        source = pathlib.Path(cfg.warmups_from) / "study.json"
+        if not source.exists():
+            raise ValueError(f"--warmups_from {cfg.warmups_from}: no study.json there")
+        theirs = json.loads(source.read_text())
+        changed = [k for k in WARMUP_KEYS if theirs.get(k) != current.get(k)]
+        if changed:
+            raise ValueError(
+                f"--warmups_from {cfg.warmups_from} made its warm-ups under other settings "
+                f"({', '.join(changed)}); they cannot start this study"
+            )
     if path.exists():
         saved = json.loads(path.read_text())
         changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))

@@ -313,6 +313,14 @@ def test_branches_study_analysis_and_gate_end_to_end(tmp_path, capsys):
     again = branches_study.main(["--stage", "gate", *BRANCHES_TOY, "--out", str(kept)])
     assert again["runs"] == gate["runs"] and again["before"] == gate["before"]
     assert not (kept / "seed0" / "warmup").exists()
+    # Another RL budget on the same warm-ups: nothing is warmed up again.
+    other = tmp_path / "other"
+    budget = ["--stage", "gate", *BRANCHES_TOY, "--out", str(other), "--warmups_from", str(out)]
+    tried = branches_study.main([*budget, "--lr", "3e-4"])
+    assert tried["before"] == gate["before"] and not (other / "seed0" / "warmup").exists()
+    assert (other / "seed0" / "rl_uniform" / "metrics.jsonl").exists()  # its own RL runs
+    with pytest.raises(ValueError, match="warmups_from.*warmup"):
+        branches_study.main([*budget, "--warmup.steps", "101", "--out", str(tmp_path / "x")])
     with pytest.raises(ValueError, match="rl_steps"):
         branches_study.main(["--stage", "gate", *argv, "--rl_steps", "3"])
 
