@@ -35,7 +35,7 @@ import pathlib
 import sys
 
 from experiments import common
-from ftjax import credit, evaluation, loop, multihost, rundir
+from ftjax import credit, evaluation, loop, multihost, rundir, sharding
 from ftjax.credit import CreditConfig
 from ftjax.evaluation import EvalConfig
 from ftjax.loop import LoopConfig
@@ -126,7 +126,10 @@ def main(argv: list[str]) -> dict[int, dict[str, float]]:
     for spec in reward.functions:  # a missing file or function fails here too
         rewards.load(spec, verifier="math")
     multihost.initialize(cfg.multihost)
-    policy = pretrained.load(cfg.model, cfg.param_dtype, cfg.compute_dtype)
+    mesh = sharding.make_mesh(cfg.loop.mesh)  # the loop's mesh: weights placed as they are read
+    policy = pretrained.load(
+        cfg.model, cfg.param_dtype, cfg.compute_dtype, sharding.param_sharding_fn(mesh)
+    )
     shots = cfg.prompt.load_shots(cfg.data, default_path=cfg.data.path)
     task, problems = build_task(
         policy, cfg.data, cfg.prompt, cfg.loop.prompt_len, shots, reward=reward

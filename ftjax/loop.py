@@ -240,9 +240,11 @@ def _run(model, task, step_cfg, cfg: LoopConfig, run_dir, evaluation, config, al
     checkpoints = Checkpointer(run_dir / "checkpoints", keep=cfg.keep_checkpoints)
     try:
         mesh = sharding.make_mesh(cfg.mesh)
-        graphdef, state = train.init_state(model, step_cfg, jax.random.PRNGKey(cfg.seed))
-        # The jitted step donates its state; copy so the caller's `model` stays usable afterwards.
-        state = dataclasses.replace(state, params=jax.tree.map(jnp.copy, state.params))
+        # Made sharded (no device holds the whole Adam state); the parameters are copied, since
+        # the jitted step donates its state and the caller's `model` must stay usable.
+        graphdef, state = train.init_state_placed(
+            model, step_cfg, jax.random.PRNGKey(cfg.seed), mesh
+        )
         updates, state = Updates.build(graphdef, state, model, step_cfg, cfg, mesh)
         start = 0
         if checkpoints.latest_step() is not None:  # the identity is checked before any restore

@@ -61,6 +61,12 @@ def tree_shardings(tree, mesh: jax.sharding.Mesh):
     return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(np.shape(x), fsdp)), tree)
 
 
+def param_sharding_fn(mesh: jax.sharding.Mesh):
+    """`(name, shape) -> NamedSharding` for checkpoint loaders (`hf.load_checkpoint`'s
+    `sharding_fn`): each parameter placed as `tree_shardings` would place it, as it is read."""
+    return lambda name, shape: NamedSharding(mesh, param_spec(tuple(shape), mesh.shape["fsdp"]))
+
+
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, BATCH)
 

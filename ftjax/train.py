@@ -211,6 +211,26 @@ def init_state_sharded(
     return graphdef, jax.jit(init, out_shardings=placed)(rng)
 
 
+def init_state_placed(
+    model: nnx.Module, cfg: StepConfig, rng, mesh: jax.sharding.Mesh
+) -> tuple[nnx.GraphDef, TrainState]:
+    """`init_state(model, cfg, rng)` for a model that already has its weights (a loaded
+    checkpoint), made sharded: the parameters are placed FSDP-style first (nothing moves when
+    the loader placed them, `sharding.param_sharding_fn`), then one jit whose outputs have
+    `state_shardings` makes the Adam moments shard by shard and copies the parameters (the
+    train step donates its state; the caller's model stays usable). No device ever holds the
+    whole optimizer state."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    params = jax.device_put(params, sharding.tree_shardings(params, mesh))
+
+    def build(params, rng) -> TrainState:
+        state = init_state(nnx.merge(graphdef, params), cfg, rng)[1]
+        return dataclasses.replace(state, params=jax.tree.map(jnp.copy, state.params))
+
+    placed = state_shardings(jax.eval_shape(build, params, rng), mesh)
+    return graphdef, jax.jit(build, out_shardings=placed)(params, rng)
+
+
 def policy_model(graphdef, params: nnx.State, cfg: StepConfig) -> nnx.Module:
     """The policy computing in `cfg.compute_dtype`: float parameters cast on the way in (the
     gradient flows back through the cast to the float32 master copy in the state)."""

@@ -79,3 +79,31 @@ def test_each_device_holds_only_its_shard():
     leaves = len(jax.tree.leaves(like))
     assert shards <= stats.output_size_in_bytes <= shards + 8 * leaves  # + the output tuple's table
     assert stats.temp_size_in_bytes <= shards
+
+
+def test_a_loaded_model_gets_its_state_placed_and_stays_usable():
+    """`init_state_placed` (what `loop.run` uses): the parameters the model already has, the
+    Adam moments made on the mesh, every leaf with `state_shardings`; the state's parameters
+    are copies, so the train step may donate them and the caller's model still works."""
+    mesh, rng = fsdp_mesh(), jax.random.PRNGKey(7)
+    loaded = make_model(nnx.Rngs(11))  # weights from elsewhere, not from this init's rng
+    tokens = np.arange(12, dtype=np.int32).reshape(2, 6) % MODEL.vocab_size
+    before = np.asarray(loaded(tokens).logits_BxTxV)
+    graphdef, state = train.init_state_placed(loaded, CFG, rng, mesh)
+    ref_graphdef, ref = train.init_state(make_model(nnx.Rngs(11)), CFG, rng)
+    assert graphdef == ref_graphdef
+    want = train.state_shardings(ref, mesh)
+    for got, value, placed in zip(
+        jax.tree.leaves(state), jax.tree.leaves(ref), jax.tree.leaves(want), strict=True
+    ):
+        assert got.sharding == placed
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(value))
+    jax.tree.map(lambda x: x.delete(), state.params)  # as a donating step would
+    np.testing.assert_array_equal(np.asarray(loaded(tokens).logits_BxTxV), before)
+
+
+def test_param_sharding_fn_places_as_tree_shardings():
+    mesh = fsdp_mesh()
+    place = sharding.param_sharding_fn(mesh)
+    for shape in [(64, 128), (128,), (7, 3), ()]:
+        assert place("any.name", shape) == sharding.tree_shardings(np.zeros(shape), mesh)

@@ -95,11 +95,16 @@ def _dtype(name: str):
         raise ValueError(f"unknown dtype {name!r}; use float32 or bfloat16") from None
 
 
-def load(name: str, param_dtype: str = "float32", compute_dtype: str | None = None) -> Pretrained:
-    """The policy named `name`: GEMMA3_270M, or a local HF checkpoint directory."""
+def load(
+    name: str, param_dtype: str = "float32", compute_dtype: str | None = None, sharding_fn=None
+) -> Pretrained:
+    """The policy named `name`: GEMMA3_270M, or a local HF checkpoint directory. sharding_fn
+    (`sharding.param_sharding_fn(mesh)`): each parameter placed as it is read, so no device
+    holds the whole model."""
     dtypes = {
         "param_dtype": _dtype(param_dtype),
         "dtype": None if compute_dtype is None else _dtype(compute_dtype),
+        "sharding_fn": sharding_fn,
     }
     if name == GEMMA3_270M:
         ckpt = gguf.read_gguf(gguf.find_gemma3_270m())
