@@ -363,3 +363,18 @@ def masking_table(title: str, result: dict) -> str:
             f"| {mode} flow | {r['answer_change_rate']:.3f} | {r['correctness_flip_rate']:.3f} |"
         )
     return "\n".join(lines)
+
+
+def arms_table(title: str, result: dict, labels: dict[str, str]) -> str:
+    """`masking_table` for any set of arms: one row per key of `labels` (arm -> row label), each
+    with the mean number of tokens its mask hides (`tokens_masked`), the answer-change rate and
+    the correctness-flip rate of result[arm]."""
+    lines = [title, "| masked | tokens masked (mean) | answer change | correctness flip |"]
+    lines.append("|---|---|---|---|")
+    for arm, label in labels.items():
+        r = result[arm]
+        lines.append(
+            f"| {label} | {r['tokens_masked']:.2f} | {r['answer_change_rate']:.3f} "
+            f"| {r['correctness_flip_rate']:.3f} |"
+        )
+    return "\n".join(lines)

