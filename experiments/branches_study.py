@@ -1,6 +1,6 @@
 """Dead-end branches (issue 13): does a credit find the queried chain, and does credit on it help?
 
-    python -m experiments.branches_study --stage analysis|gate|arms|control [--seeds 8]
+    python -m experiments.branches_study --stage warmup|analysis|gate|arms|control [--seeds 8]
         [--out runs/branches_study] [--arms uniform,oracle,flowtracer] [--rl_steps 60]
 
 Task: `ftjax/tasks/branches.py`, K = 3 chains of 2 variables (a root and one link), one queried,
@@ -8,6 +8,9 @@ mod 5, + and -, links that substitute their parent's value (`c=a+3=4+3=2;`). Pol
 128 wide. Per seed s (task seed s, policy init seed s): ONE supervised warm-up on solver traces
 (out/seed{s}/warmup, reused when present) that every stage and arm of that seed starts from.
 
+- `warmup`: each seed's warm-up, its held-out accuracy and its teacher-forced accuracy per kind
+  of response token (`experiments/branches_skill.py`: copies, operators, substituted values, link
+  values), which says what RL is left to teach.
 - `analysis` (the warm-up policy, no RL): on `analysis_responses` sampled held-out responses with
   an answer, each score (flow throughput tau, the three point-wise attention scores, next-token
   entropy, the position-only score, random, a constant), read from each single layer, the default
@@ -53,12 +56,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from experiments import common
+from experiments import branches_skill, common
 from ftjax import capture, credit, evaluation, loop, rl, rollout, sft, train
 from ftjax.tasks.branches import BranchesConfig, BranchesTask
 from ftjax.tasks.vocab import VOCAB
 
-STAGES = ("analysis", "gate", "arms", "control")
+STAGES = ("warmup", "analysis", "gate", "arms", "control")
 GATE_ARMS = ("uniform", "oracle")
 ARMS = (
     "uniform",
@@ -487,6 +490,23 @@ def analysis_table(per_seed: dict) -> str:
     return "\n".join(lines)
 
 
+def warmup_table(cfg: StudyConfig, rows: dict) -> str:
+    runs = list(rows.values())
+    lines = [
+        f"warm-up policies ({len(runs)} seeds, mean ± SE): held-out accuracy on "
+        f"{cfg.eval_prompts} prompts (chance {1 / cfg.task.modulus:.3f}), and teacher-forced "
+        "argmax accuracy per kind of token on as many held-out solver traces",
+        "| measure | value |",
+        "|---|---|",
+        f"| greedy accuracy | {show(r['accuracy_greedy'] for r in runs)} |",
+        f"| sampled accuracy | {show(r['accuracy_sampled'] for r in runs)} |",
+    ]
+    for kind in branches_skill.KINDS:
+        values = (r["teacher_forced"][kind] for r in runs)
+        lines.append(f"| teacher-forced: {kind} | {show(values)} |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- stages
 
 
@@ -524,7 +544,20 @@ def main(argv: list[str]) -> dict:
     started = time.perf_counter()
     seeds = range(cfg.seeds)
     result: dict = {"config": dataclasses.asdict(cfg)}
-    if cfg.stage == "analysis":
+    if cfg.stage == "warmup":
+        rows = {}
+        for s in seeds:
+            model, record = warm_policy(cfg, s, out / f"seed{s}")
+            skill = branches_skill.teacher_forced_skill(
+                model, task_of(cfg, s), cfg.eval_prompts, cfg.lengths()[0]
+            )
+            rows[s] = {**record, "teacher_forced": skill}
+            print(f"seed {s} warm-up: greedy {record['accuracy_greedy']:.3f}, teacher-forced "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in skill.items() if v is not None),
+                  flush=True)  # fmt: skip
+        result["per_seed"] = rows
+        text = warmup_table(cfg, rows)
+    elif cfg.stage == "analysis":
         per_seed = {}
         for s in seeds:
             model, _ = warm_policy(cfg, s, out / f"seed{s}")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from experiments import (
+    branches_skill,
     branches_study,
     causal_masking,
     common,
@@ -327,6 +328,12 @@ def test_branches_study_analysis_and_gate_end_to_end(tmp_path, capsys):
     assert (other / "seed0" / "rl_uniform" / "metrics.jsonl").exists()  # its own RL runs
     with pytest.raises(ValueError, match="warmups_from.*warmup"):
         branches_study.main([*budget, "--warmup.steps", "101", "--out", str(tmp_path / "x")])
+    # The warm-up read-out: the same warm-up, its accuracy and skill per kind of token.
+    skill = branches_study.main(["--stage", "warmup", *argv])["per_seed"][0]
+    assert skill["accuracy_greedy"] == gate["before"][0]["accuracy_greedy"]
+    assert set(skill["teacher_forced"]) == set(branches_skill.KINDS)
+    assert all(0.0 <= v <= 1.0 for v in skill["teacher_forced"].values() if v is not None)
+    assert "| teacher-forced: link value |" in (out / "warmup.md").read_text()
     with pytest.raises(ValueError, match="rl_steps"):
         branches_study.main(["--stage", "gate", *argv, "--rl_steps", "3"])
 
