@@ -39,8 +39,11 @@ copied no digit after 800 steps (batch 16) and a 128-wide one (batch 32, 600 ste
 but did no arithmetic: held-out accuracy stayed at chance (0.09-0.13 against 0.1). At these
 defaults (mod 5, 800 steps of batch 32) seed 0's warm-up copies every number (teacher-forced
 0.96-1.0) but not the operator (0.51) and gets 0.29 of the link values: held-out accuracy 0.31
-greedy, 0.29 sampled, against chance 0.2, so RL has room. The warm-up took 26 min on the 2-core
-machine under heavy load from other jobs (about 6 min quiet, by its step rate alone).
+greedy, 0.29 sampled, against chance 0.2, so RL has room. Over 8 seeds (`--stage warmup`) the
+warm-ups copy but do little arithmetic (teacher-forced link values 0.33), and the gate at these
+defaults failed (oracle - uniform -0.000 +/- 0.002; experiments/RESULTS.md): the defaults are
+the gate's record, not yet a setting in which credit can matter. A warm-up takes about 6 min
+on 2 quiet cores.
 """
 
 from __future__ import annotations
