@@ -13,17 +13,31 @@ argmax. Accuracy is averaged per kind of token, read from the trace's text:
 (A link that does not substitute, `c=a+3=2;`, has no `substituted` token.) A warm-up that copies
 but does no arithmetic scores near 1 on `copy` and near 1/modulus on `link value`: RL then has
 to teach the arithmetic from the reward alone. Dims: B traces, T tokens.
+
+As a command it draws a warm-up's learning curve per kind of token (the calibration tool: how
+many steps, how wide a policy before the warm-up does the arithmetic), under the study's task,
+policy and warm-up settings and their flags:
+
+    python -m experiments.branches_skill --seed 0 --every 200 --warmup.steps 2400 \
+        [--policy.hidden 128] [--task.modulus 5] [--out runs/branches_skill/curve.json]
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import pathlib
 import re
+import shlex
+import sys
+import time
 
 import numpy as np
 
 from experiments import common
-from ftjax import rollout
-from ftjax.tasks.vocab import EOS
+from ftjax import rollout, sft
+from ftjax.tasks.branches import BranchesConfig, BranchesTask
+from ftjax.tasks.vocab import EOS, PAD
 
 KINDS = ("copy", "operator", "substituted", "link value", "answer", "layout", "eos")
 _ROOT = re.compile(r"[a-z]=(\d+)=(\d+);")
@@ -80,3 +94,70 @@ def teacher_forced_skill(model, task, count: int, prompt_len: int) -> dict[str, 
     # Column P - 1 + j predicts response token j.
     predicted_BxR = np.asarray(logits_BxTxV.argmax(-1))[:, prompt_len - 1 : -1]
     return kind_accuracy(predicted_BxR == response_BxR, kinds_BxR)
+
+
+@dataclasses.dataclass(frozen=True)
+class CurveConfig:
+    """One warm-up from scratch, read every `every` steps; defaults are the study's
+    (experiments/branches_study.py StudyConfig) so a curve calibrates the study's warm-up."""
+
+    task: BranchesConfig = BranchesConfig(chain_length=2, modulus=5, substitute=True)
+    policy: common.PolicyConfig = common.PolicyConfig(layers=4, hidden=128, heads=4)
+    warmup: sft.SFTConfig = sft.SFTConfig(steps=800, batch_size=32, lr=3e-3, warmup_steps=80)
+    seed: int = 0  # task seed and policy init seed, as the study's seed s
+    every: int = 100  # read the policy after every this many steps
+    count: int = 128  # held-out traces per read-out
+    out: str = "runs/branches_skill/curve.json"
+
+    def __post_init__(self):
+        if not 1 <= self.every <= self.warmup.steps or self.count < 1:
+            raise ValueError(
+                f"CurveConfig needs 1 <= every <= warmup.steps and count >= 1, got every "
+                f"{self.every}, steps {self.warmup.steps}, count {self.count}"
+            )
+
+
+def learning_curve(cfg: CurveConfig) -> list[dict]:
+    """[{"step", "seconds", "loss", **kind accuracies}] every cfg.every steps of one warm-up."""
+    from experiments.branches_study import StudyConfig  # its lengths() rule, one place
+
+    study = StudyConfig(task=cfg.task, policy=cfg.policy, warmup=cfg.warmup)
+    prompt_len, response_len = study.lengths()
+    task = BranchesTask(dataclasses.replace(cfg.task, seed=cfg.seed))
+    model = common.build_policy(cfg.policy, cfg.seed)
+    losses, rows, started = [], [], time.perf_counter()
+
+    def read(done, trained):
+        skill = teacher_forced_skill(trained, task, cfg.count, prompt_len)
+        rows.append({"step": done, "seconds": time.perf_counter() - started,
+                     "loss": float(np.mean(losses[-cfg.every :])), **skill})  # fmt: skip
+        print(f"step {done:>5} ({rows[-1]['seconds']:.0f} s) loss {rows[-1]['loss']:.3f}: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in skill.items() if v is not None),
+              flush=True)  # fmt: skip
+
+    sft.warm_up(
+        model,
+        lambda start, count: task.demonstrations(common.WARMUP_START + start, count),
+        cfg.warmup,
+        prompt_len,
+        response_len,
+        PAD,
+        on_step=lambda step, loss: losses.append(float(loss)),
+        probe=(cfg.every, read),
+    )
+    return rows
+
+
+def main(argv: list[str]) -> list[dict]:
+    cfg = common.parse(CurveConfig(), argv)
+    rows = learning_curve(cfg)
+    out = pathlib.Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["python", "-m", "experiments.branches_skill", *argv])
+    record = {"config": dataclasses.asdict(cfg), "command": command, "curve": rows}
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

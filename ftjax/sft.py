@@ -96,9 +96,12 @@ def warm_up(
     response_slots: int,
     pad_id: int,
     on_step: Callable[[int, float], None] | None = None,
+    probe: tuple[int, Callable[[int, nnx.Module], None]] | None = None,
 ) -> nnx.Module:
     """Train `model` (in place and returned) on `demonstrations(start, count)`, a stream of
-    (prompt ids, response ids) pairs; batch s is demonstrations(s * batch_size, batch_size)."""
+    (prompt ids, response ids) pairs; batch s is demonstrations(s * batch_size, batch_size).
+    `probe=(every, fn)` calls fn(steps done, model) with the model as trained so far after every
+    `every` steps (a learning curve of anything the model can be asked)."""
     graphdef, params = nnx.split(model, nnx.Param)
     opt_state = optimizer(cfg).init(params)
     for step in range(cfg.steps):
@@ -107,5 +110,8 @@ def warm_up(
         params, opt_state, value = _step(graphdef, params, opt_state, *arrays, cfg=cfg)
         if on_step is not None:
             on_step(step, value)
+        if probe is not None and (step + 1) % probe[0] == 0:
+            nnx.update(model, params)
+            probe[1](step + 1, model)
     nnx.update(model, params)
     return model

@@ -3,6 +3,7 @@ teacher-forced read-out's alignment with models whose predictions are known."""
 
 from __future__ import annotations
 
+import json
 import types
 
 import numpy as np
@@ -68,3 +69,22 @@ def test_a_model_that_is_one_token_off_scores_zero(task):
     model = NextTokenModel(lambda nxt: (nxt + 1) % task.vocab.size, task.vocab.size)
     skill = branches_skill.teacher_forced_skill(model, task, 8, prompt_len=48)
     assert skill == {kind: 0.0 for kind in branches_skill.KINDS}
+
+
+def test_learning_curve_command_reads_the_warm_up_every_k_steps(tmp_path):
+    out = tmp_path / "curve.json"
+    rows = branches_skill.main(
+        ["--warmup.steps", "4", "--warmup.warmup_steps", "1", "--warmup.batch_size", "4",
+         "--every", "2", "--count", "4", "--policy.layers", "1", "--policy.hidden", "16",
+         "--policy.heads", "2", "--out", str(out)]
+    )  # fmt: skip
+    assert [r["step"] for r in rows] == [2, 4]
+    assert all(set(branches_skill.KINDS) <= set(r) and np.isfinite(r["loss"]) for r in rows)
+    saved = json.loads(out.read_text())
+    assert saved["curve"] == rows and saved["config"]["every"] == 2
+
+
+@pytest.mark.parametrize("argv", [["--every", "0"], ["--every", "900"], ["--count", "0"]])
+def test_learning_curve_refuses_bad_settings(argv):
+    with pytest.raises(ValueError, match="CurveConfig"):
+        branches_skill.main(argv)

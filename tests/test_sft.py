@@ -53,6 +53,23 @@ def test_warm_up_lowers_the_loss_and_updates_the_model_in_place():
     assert float(sft.loss(m, *arrays)) < 0.5 * before
 
 
+def test_probe_sees_the_model_as_trained_so_far():
+    # Every batch is PAIRS, so the loss on_step reports at step k (before update k + 1) is the
+    # loss of the model after k updates: what a probe after k steps must measure.
+    m, arrays = model(), sft.pack(PAIRS, 4, 4, 0)
+    losses, probed = [], {}
+    cfg = sft.SFTConfig(steps=12, batch_size=2, lr=1e-2, warmup_steps=2)
+    sft.warm_up(
+        m, lambda start, count: PAIRS, cfg, 4, 4, 0, lambda s, v: losses.append(float(v)),
+        probe=(4, lambda done, mm: probed.update({done: float(sft.loss(mm, *arrays))})),
+    )  # fmt: skip
+    assert sorted(probed) == [4, 8, 12]
+    for done in (4, 8):
+        assert probed[done] == pytest.approx(losses[done], rel=1e-5)
+    assert probed[12] == pytest.approx(float(sft.loss(m, *arrays)), rel=1e-6)
+    assert probed[4] > probed[12]
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [(dict(steps=0), "steps"), (dict(warmup_steps=600), "warmup_steps"), (dict(lr=0.0), "lr")],
