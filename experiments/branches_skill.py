@@ -117,8 +117,9 @@ class CurveConfig:
             )
 
 
-def learning_curve(cfg: CurveConfig) -> list[dict]:
-    """[{"step", "seconds", "loss", **kind accuracies}] every cfg.every steps of one warm-up."""
+def learning_curve(cfg: CurveConfig, on_read=None) -> list[dict]:
+    """[{"step", "seconds", "loss", **kind accuracies}] every cfg.every steps of one warm-up;
+    on_read(rows so far) after each read-out (to save a curve a stopped run has drawn)."""
     from experiments.branches_study import StudyConfig  # its lengths() rule, one place
 
     study = StudyConfig(task=cfg.task, policy=cfg.policy, warmup=cfg.warmup)
@@ -134,6 +135,8 @@ def learning_curve(cfg: CurveConfig) -> list[dict]:
         print(f"step {done:>5} ({rows[-1]['seconds']:.0f} s) loss {rows[-1]['loss']:.3f}: "
               + ", ".join(f"{k} {v:.2f}" for k, v in skill.items() if v is not None),
               flush=True)  # fmt: skip
+        if on_read is not None:
+            on_read(rows)
 
     sft.warm_up(
         model,
@@ -150,13 +153,15 @@ def learning_curve(cfg: CurveConfig) -> list[dict]:
 
 def main(argv: list[str]) -> list[dict]:
     cfg = common.parse(CurveConfig(), argv)
-    rows = learning_curve(cfg)
     out = pathlib.Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "-m", "experiments.branches_skill", *argv])
-    record = {"config": dataclasses.asdict(cfg), "command": command, "curve": rows}
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    return rows
+
+    def save(rows):  # after every read-out: a stopped run keeps what it has drawn
+        record = {"config": dataclasses.asdict(cfg), "command": command, "curve": rows}
+        out.write_text(json.dumps(record, indent=1) + "\n")
+
+    return learning_curve(cfg, on_read=save)
 
 
 if __name__ == "__main__":
