@@ -96,14 +96,21 @@ def teacher_forced_skill(model, task, count: int, prompt_len: int) -> dict[str, 
     return kind_accuracy(predicted_BxR == response_BxR, kinds_BxR)
 
 
+# The dead-end branches study's task, policy and warm-up (experiments/branches_study.py uses
+# these as its defaults; a curve drawn at them calibrates the study's warm-up). How they were
+# chosen, from warm-up read-outs alone: experiments/RESULTS.md, "calibrating the warm-up".
+STUDY_TASK = BranchesConfig(chain_length=2, modulus=5, substitute=True)
+STUDY_POLICY = common.PolicyConfig(layers=4, hidden=128, heads=4)
+STUDY_WARMUP = sft.SFTConfig(steps=500, batch_size=32, lr=1e-3, warmup_steps=50)
+
+
 @dataclasses.dataclass(frozen=True)
 class CurveConfig:
-    """One warm-up from scratch, read every `every` steps; defaults are the study's
-    (experiments/branches_study.py StudyConfig) so a curve calibrates the study's warm-up."""
+    """One warm-up from scratch, read every `every` steps; defaults are the study's."""
 
-    task: BranchesConfig = BranchesConfig(chain_length=2, modulus=5, substitute=True)
-    policy: common.PolicyConfig = common.PolicyConfig(layers=4, hidden=128, heads=4)
-    warmup: sft.SFTConfig = sft.SFTConfig(steps=800, batch_size=32, lr=3e-3, warmup_steps=80)
+    task: BranchesConfig = STUDY_TASK
+    policy: common.PolicyConfig = STUDY_POLICY
+    warmup: sft.SFTConfig = STUDY_WARMUP
     seed: int = 0  # task seed and policy init seed, as the study's seed s
     every: int = 100  # read the policy after every this many steps
     count: int = 128  # held-out traces per read-out

@@ -32,18 +32,16 @@ mod 5, + and -, links that substitute their parent's value (`c=a+3=4+3=2;`). Pol
 Every finished run and analysis is saved as JSON under --out and reused when run again; the
 settings that define them are kept beside them, and a rerun under other settings is refused.
 Each stage prints and writes out/<stage>.md and out/<stage>.json.
-The defaults were fixed from warm-up accuracy alone, before any RL run (experiments/RESULTS.md,
-"Dead-end branches: calibrating the warm-up"): tiny policies first learn the worksheet's layout,
-then to copy digits, then the arithmetic. At K = 3, L = 3 or 2, mod 10, a 4-layer 64-wide policy
-copied no digit after 800 steps (batch 16) and a 128-wide one (batch 32, 600 steps) copied them
-but did no arithmetic: held-out accuracy stayed at chance (0.09-0.13 against 0.1). At these
-defaults (mod 5, 800 steps of batch 32) seed 0's warm-up copies every number (teacher-forced
-0.96-1.0) but not the operator (0.51) and gets 0.29 of the link values: held-out accuracy 0.31
-greedy, 0.29 sampled, against chance 0.2, so RL has room. Over 8 seeds (`--stage warmup`) the
-warm-ups copy but do little arithmetic (teacher-forced link values 0.33), and the gate at these
-defaults failed (oracle - uniform -0.000 +/- 0.002; experiments/RESULTS.md): the defaults are
-the gate's record, not yet a setting in which credit can matter. A warm-up takes about 6 min
-on 2 quiet cores.
+The defaults were fixed from warm-up read-outs alone, before any RL run at them
+(experiments/RESULTS.md, "Dead-end branches: calibrating the warm-up"). Tiny policies learn the
+worksheet's layout first, then to copy digits, then the arithmetic. The first default (800
+steps at lr 3e-3) copied every number but did little arithmetic (teacher-forced link values
+0.33 over 8 seeds), and the oracle gate at it failed (oracle - uniform -0.000 +/- 0.002). Its
+learning rate was the cause: at lr 3e-3 seed 0's warm-up had not learned to copy the operator
+by step 500, at lr 1e-3 it did the arithmetic (link values 0.99) by step 750
+(`python -m experiments.branches_skill`). The default now is 500 steps at lr 1e-3: link values
+0.91 teacher-forced, held-out accuracy 0.36 greedy against chance 0.2, so the arithmetic is
+mostly there and RL has room. A warm-up takes about 4-5 min on 2 quiet cores.
 """
 
 from __future__ import annotations
@@ -87,15 +85,19 @@ class StudyConfig:
     stage: str = "gate"
     out: str = "runs/branches_study"
     seeds: int = 8
-    task: BranchesConfig = BranchesConfig(chain_length=2, modulus=5, substitute=True)
-    policy: common.PolicyConfig = common.PolicyConfig(layers=4, hidden=128, heads=4)
-    warmup: sft.SFTConfig = sft.SFTConfig(steps=800, batch_size=32, lr=3e-3, warmup_steps=80)
+    # First seed to run (seeds seed_from .. seeds-1): split a study over processes; a last call
+    # with seed_from 0 finds every run saved and writes the whole table
+    seed_from: int = 0
+    task: BranchesConfig = branches_skill.STUDY_TASK
+    policy: common.PolicyConfig = branches_skill.STUDY_POLICY
+    warmup: sft.SFTConfig = branches_skill.STUDY_WARMUP
     arms: tuple[str, ...] = ARMS  # stage `arms`; stage `gate` runs GATE_ARMS
     plugins: tuple[str, ...] = ()  # .py files to import first (your own credit variants)
     rl_steps: int = 40
     prompts_per_step: int = 8
     group_size: int = 8
     lr: float = 1e-4
+    gamma: float = 1.5  # the weight of each arm's selected tokens (the paper's 1.5)
     temperature: float = 1.0
     eval_prompts: int = 128
     precision_responses: int = 32
@@ -114,6 +116,10 @@ class StudyConfig:
         for name in ("seeds", "rl_steps", "eval_prompts", "precision_responses"):
             if getattr(self, name) < 1:
                 raise ValueError(f"StudyConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.seed_from < self.seeds:
+            raise ValueError(
+                f"StudyConfig.seed_from must be in [0, seeds = {self.seeds}), got {self.seed_from}"
+            )
         if self.analysis_responses < 1:
             raise ValueError(
                 f"StudyConfig.analysis_responses must be >= 1, got {self.analysis_responses}"
@@ -131,8 +137,8 @@ class StudyConfig:
             raise ValueError(
                 f"StudyConfig.arms needs 'uniform' (the baseline), no repeats: {self.arms}"
             )
-        for name in self.arms:
-            credit.get(name)  # an unknown name is a ValueError here, before any work
+        for name in self.arms:  # an unknown name or a bad gamma: a ValueError before any work
+            credit.CreditConfig(name=name, gamma=self.gamma)
 
     def lengths(self) -> tuple[int, int]:
         """(prompt slots, response slots): the longest prompt and solver response (+ 4) of the
@@ -152,7 +158,7 @@ WARMUP_KEYS = ("task", "policy", "warmup", "eval_prompts", "lengths")  # what de
 def identity(cfg: StudyConfig) -> dict:
     """The settings every saved warm-up and run under --out was made with."""
     keys = ("task", "policy", "warmup", "rl_steps", "prompts_per_step", "group_size", "lr",
-            "temperature", "eval_prompts", "precision_responses", "fraction")  # fmt: skip
+            "gamma", "temperature", "eval_prompts", "precision_responses", "fraction")  # fmt: skip
     out = {k: v for k, v in dataclasses.asdict(cfg).items() if k in keys}
     return json.loads(json.dumps({**out, "lengths": cfg.lengths()}))
 
@@ -225,7 +231,7 @@ def run_arm(cfg: StudyConfig, seed: int, arm: str, warm_params, out: pathlib.Pat
     step_cfg = train.StepConfig(
         group_size=cfg.group_size,
         loss=rl.LossConfig(clip_high=0.28),
-        credit=credit.CreditConfig(name=arm),
+        credit=credit.CreditConfig(name=arm, gamma=cfg.gamma),
         optim=train.OptimConfig(lr=cfg.lr),
     )
     loop_cfg = loop.LoopConfig(
@@ -274,9 +280,9 @@ def verdict(diffs: list[float]) -> str:
 
 
 def arms_table(cfg: StudyConfig, arms, results: dict, before: dict) -> str:
-    seeds = range(cfg.seeds)
+    seeds = range(cfg.seed_from, cfg.seeds)
     lines = [
-        f"RL on branches: {cfg.seeds} seeds, {cfg.rl_steps} steps of {cfg.prompts_per_step} "
+        f"RL on branches: {len(seeds)} seeds, {cfg.rl_steps} steps of {cfg.prompts_per_step} "
         f"prompts x {cfg.group_size}; mean ± SE over seeds; diff = arm - uniform, paired by seed",
         "| arm | mean rollout reward (all steps) | diff (PRIMARY) | diff > 2 SE | greedy acc "
         "after | diff | sampled acc after | diff | precision@40 |",
@@ -545,7 +551,7 @@ def main(argv: list[str]) -> dict:
     out = pathlib.Path(cfg.out)
     check_identity(cfg, out)
     started = time.perf_counter()
-    seeds = range(cfg.seeds)
+    seeds = range(cfg.seed_from, cfg.seeds)
     result: dict = {"config": dataclasses.asdict(cfg)}
     if cfg.stage == "warmup":
         rows = {}
@@ -580,7 +586,7 @@ def main(argv: list[str]) -> dict:
                   f"worksheet greedy {worksheet['accuracy_greedy']:.3f}", flush=True)  # fmt: skip
         result["per_seed"] = rows
         lines = [
-            f"held-out accuracy after {cfg.warmup.steps} warm-up steps ({cfg.seeds} seeds, mean ± "
+            f"held-out accuracy after {cfg.warmup.steps} warm-up steps ({len(seeds)} seeds, mean ± "
             f"SE); chance = 1/modulus = {1 / cfg.task.modulus:.3f}",
             "| demonstrations | greedy | sampled |",
             "|---|---|---|",
@@ -615,7 +621,9 @@ def main(argv: list[str]) -> dict:
         text = arms_table(cfg, arms, results, before)
     result["wall_seconds"] = time.perf_counter() - started
     command = shlex.join(["python", "-m", "experiments.branches_study", *argv])
-    text += f"\n\nseeds {cfg.seeds}; wall time {result['wall_seconds']:.0f} s\ncommand: `{command}`"
+    text += (
+        f"\n\nseeds {len(seeds)}; wall time {result['wall_seconds']:.0f} s\ncommand: `{command}`"
+    )
     result["command"] = command
     common.write_result(out, cfg.stage, result, text)
     return result

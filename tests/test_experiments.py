@@ -336,6 +336,10 @@ def test_branches_study_analysis_and_gate_end_to_end(tmp_path, capsys):
     assert "| teacher-forced: link value |" in (out / "warmup.md").read_text()
     with pytest.raises(ValueError, match="rl_steps"):
         branches_study.main(["--stage", "gate", *argv, "--rl_steps", "3"])
+    # A study split over processes: seed_from runs (and tables) only its own seeds.
+    later = branches_study.main(["--stage", "warmup", *argv, "--seeds", "2", "--seed_from", "1"])
+    assert set(later["per_seed"]) == {1} and (out / "seed1" / "warmup.json").exists()
+    assert "seeds 1;" in (out / "warmup.md").read_text()
 
 
 def test_branches_study_refuses_a_bad_config_before_any_work(tmp_path):
@@ -348,6 +352,8 @@ def test_branches_study_refuses_a_bad_config_before_any_work(tmp_path):
         branches_study.main(["--arms", "oracle,flowtracer", *out])
     with pytest.raises(ValueError, match="answer_only"):
         branches_study.main(["--task.answer_only", "true", *out])
+    with pytest.raises(ValueError, match="seed_from"):
+        branches_study.main(["--seeds", "2", "--seed_from", "2", *out])
     assert not list(tmp_path.iterdir())
 
 

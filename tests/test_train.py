@@ -96,6 +96,31 @@ def test_uniform_credit_is_plain_grpo():
     assert history[0]["credit/gamma_mean"] == 1.0
 
 
+def test_one_uniform_step_moves_log_probs_towards_the_rewarded_responses():
+    """End to end, the update climbs the policy gradient: on-policy (old log-probs are the
+    model's own, so no ratio is clipped), one small step raises sum_i A_i * log p(response_i).
+    A flipped sign anywhere from advantages to optimizer would lower it."""
+    cfg = train.StepConfig(
+        group_size=4, credit=credit.CreditConfig(name="uniform"), optim=train.OptimConfig(lr=1e-4)
+    )
+    rewards = np.array([1, 0, 0, 1, 0, 1, 1, 1], np.float32)  # no zero-variance group
+    batch = make_batch(rewards=rewards)
+    model = transformer.Transformer(MODEL, rngs=nnx.Rngs(0))
+    before_BxT, _, _ = train.sequence_log_probs(model, batch, train.NONE)
+    response_BxT = batch.response_mask_BxT
+    batch = dataclasses.replace(batch, old_log_probs_BxT=jnp.where(response_BxT, before_BxT, 0.0))
+    graphdef, state = train.init_state(model, cfg, jax.random.PRNGKey(0))
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=1))
+    step_fn, state = train.make_train_step(graphdef, state, batch, cfg, mesh)
+    state, _ = step_fn(state, batch)
+    after_BxT, _, _ = train.sequence_log_probs(
+        train.policy_model(graphdef, state.params, cfg), batch, train.NONE
+    )
+    adv_B = np.asarray(rl.group_advantages(batch.rewards_B, 4))
+    change_B = np.asarray(jnp.sum(jnp.where(response_BxT, after_BxT - before_BxT, 0.0), axis=1))
+    assert float(adv_B @ change_B) > 0
+
+
 def test_fused_flowtracer_credit_matches_separate_forward():
     batch = make_batch()
     _, history, _ = run_steps(sharding.MeshConfig(1, 1), CFG, batch, steps=1)
