@@ -11,15 +11,11 @@ mod 5, + and -, links that substitute their parent's value (`c=a+3=4+3=2;`). Pol
 - `warmup`: each seed's warm-up, its held-out accuracy and its teacher-forced accuracy per kind
   of response token (`experiments/branches_skill.py`: copies, operators, substituted values, link
   values), which says what RL is left to teach.
-- `analysis` (the warm-up policy, no RL): on `analysis_responses` sampled held-out responses with
-  an answer, each score (flow throughput tau, the three point-wise attention scores, next-token
-  entropy, the position-only score, random, a constant), read from each single layer, the default
-  middle third and all layers where it reads attention: precision@40% against `task.labels` and
-  `task.value_labels`, the same-role pairwise AUC (overall, essential token first, essential token
-  later), and flow leakage (the share of the score's total on distractor-chain statements, and on
-  the queried chain's). Eligible tokens: the response less its answer span. Causal ground truth:
-  each statement's tokens masked as attention keys (positions unchanged) and the answer re-decoded
-  greedily; the answer-change rate per kind of statement masked.
+- `analysis` (the warm-up policy, no RL; `experiments/branches_analysis.py`): on
+  `analysis_responses` sampled held-out responses with an answer, each score's precision@40%,
+  same-role pairwise AUC and leakage into distractor chains, per captured layer and per FlowTracer
+  sink/source; and the causal ground truth: each statement's tokens masked as attention keys and
+  the answer re-decoded greedily (the answer-change rate per kind of statement masked).
 - `gate`: RL with `uniform` and `oracle` credit from the same warm-up, same prompts, same sampling
   keys (the loop's seed is s in both; only the credit name differs). PRIMARY ENDPOINT, fixed
   before any run: per seed the paired difference oracle - uniform of the mean rollout reward over
@@ -57,10 +53,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from experiments import branches_skill, common
-from ftjax import capture, credit, evaluation, loop, rl, rollout, sft, train
+from experiments import branches_analysis, branches_skill, common
+from experiments.common import mean_se, show
+from ftjax import credit, evaluation, loop, rl, rollout, sft, train
 from ftjax.tasks.branches import BranchesConfig, BranchesTask
-from ftjax.tasks.vocab import VOCAB
 
 STAGES = ("warmup", "analysis", "gate", "arms", "control")
 GATE_ARMS = ("uniform", "oracle")
@@ -73,11 +69,6 @@ ARMS = (
     "attention_received_mean",
     "entropy",
 )
-FLOW_SCORES = ("flowtracer", *evaluation.ATTENTION_SCORES)  # read attention; leakage reported
-FIXED_SCORES = ("position", "entropy", "random", "constant")  # the same for every layer choice
-SEMICOLON = VOCAB.encode(";")[0]
-# FlowTracer's (sink, source) choices the analysis reads; the first is the paper's (the default).
-ENDPOINTS = tuple((k, s) for k in credit.SINKS for s in credit.SOURCES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,17 +156,6 @@ def identity(cfg: StudyConfig) -> dict:
 
 def task_of(cfg: StudyConfig, seed: int, answer_only: bool = False) -> BranchesTask:
     return BranchesTask(dataclasses.replace(cfg.task, seed=seed, answer_only=answer_only))
-
-
-def mean_se(values) -> tuple[float, float, int]:
-    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
-    se = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
-    return (float(v.mean()) if len(v) else float("nan")), se, len(v)
-
-
-def show(values) -> str:
-    mean, se, n = mean_se(values)
-    return "n/a" if n == 0 else f"{mean:.3f} ± {se:.3f}"
 
 
 def warm_policy(cfg: StudyConfig, seed: int, out: pathlib.Path, answer_only: bool = False):
@@ -308,197 +288,6 @@ def arms_table(cfg: StudyConfig, arms, results: dict, before: dict) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- analysis
-
-
-def score_metrics(score_BxT, truth: dict, nonnegative: bool, fraction: float) -> dict:
-    """precision@fraction and same-role AUC against both essential sets; leakage shares."""
-    eligible_BxT, roles_BxT, chains_BxT = truth["eligible"], truth["roles"], truth["chains"]
-    out = {}
-    for prefix, essential_BxT in (("", truth["labels"]), ("value_", truth["values"])):
-        out[f"{prefix}precision"] = evaluation.precision(
-            score_BxT, essential_BxT, ~eligible_BxT, eligible_BxT, fraction
-        )
-        auc = evaluation.pairwise_auc(score_BxT, essential_BxT, eligible_BxT, roles_BxT)
-        out.update({f"{prefix}{k}": v for k, v in auc.items() if "pairs" not in k})
-    if nonnegative:
-        mass_BxT = np.where(eligible_BxT, score_BxT, 0.0)
-        total_B = mass_BxT.sum(-1)
-        live_B = total_B > 0
-        for name, where_BxT in (("leak", chains_BxT >= 1), ("queried", chains_BxT == 0)):
-            share_B = (mass_BxT * where_BxT).sum(-1)[live_B] / total_B[live_B]
-            out[f"{name}_share"] = float(share_B.mean()) if live_B.any() else float("nan")
-    return out
-
-
-def statements(chains_T, tokens_T) -> list[tuple[int, int, int]]:
-    """(chain id, first column, end column) of every well-formed statement (each ends at `;`)."""
-    spans, start = [], None
-    for t, chain in enumerate(chains_T):
-        if chain >= 0 and start is None:
-            start = t
-        if start is not None and (chain < 0 or tokens_T[t] == SEMICOLON):
-            end = t + 1 if chain >= 0 else t
-            spans.append((int(chains_T[start]), start, end))
-            start = None
-    return spans
-
-
-def causal(model, task, got, keep_B, chains_BxT) -> dict:
-    """Answer-change rates when the keys of one statement (or one whole set) are hidden."""
-    batch = got.batch
-    tokens_BxT, answer_BxT = np.asarray(batch.tokens_BxT), np.asarray(batch.answer_mask_BxT)
-    valid_BxT = np.asarray(batch.prompt_mask_BxT | batch.response_mask_BxT)
-    rows = np.flatnonzero(keep_B)
-    masks = []  # (row among `rows`, kind, keys_T)
-    for r, b in enumerate(rows):
-        query = task.parse_prompt(got.prompts[b]).query
-        spans = statements(chains_BxT[b], tokens_BxT[b])
-        for chain, start, end in spans:
-            kinds = ["queried statement" if chain == 0 else "distractor statement"]
-            if chain == 0 and VOCAB.decode([int(tokens_BxT[b, start])]) == query:
-                kinds.append("queried last statement")
-            for kind in kinds:
-                mask_T = np.zeros(tokens_BxT.shape[1], bool)
-                mask_T[start:end] = True
-                masks.append((r, kind, mask_T))
-        for kind, queried in (("whole queried chain", True), ("all distractor chains", False)):
-            mask_T = np.zeros(tokens_BxT.shape[1], bool)
-            for chain, start, end in spans:
-                if (chain == 0) == queried:
-                    mask_T[start:end] = True
-            if mask_T.any():
-                masks.append((r, kind, mask_T))
-    if not masks:
-        return {}
-    row_M, kind_M, keys = zip(*masks, strict=True)
-    changed_M = common.answer_changes(
-        model, tokens_BxT[rows], valid_BxT[rows], answer_BxT[rows].argmax(-1),
-        answer_BxT[rows].sum(-1), row_M, np.stack(keys),
-    )  # fmt: skip
-    kind_M = np.asarray(kind_M)
-    return {
-        kind: {"answer_change_rate": float(changed_M[kind_M == kind].mean()),
-               "masks": int((kind_M == kind).sum())}
-        for kind in dict.fromkeys(kind_M)
-    }  # fmt: skip
-
-
-def analyse(cfg: StudyConfig, seed: int, model, out: pathlib.Path) -> dict:
-    path = out / "analysis.json"
-    settings = {"responses": cfg.analysis_responses, "fraction": cfg.fraction, "endpoints": 1}
-    if path.exists() and (saved := json.loads(path.read_text()))["settings"] == settings:
-        return saved
-    task, (prompt_len, new) = task_of(cfg, seed), cfg.lengths()
-    got = evaluation.sample(
-        model, task, common.EVAL_START, cfg.analysis_responses, prompt_len,
-        rollout.sampling_config(task, new, 1.0), jax.random.PRNGKey(seed + 13),
-    )  # fmt: skip
-    batch = got.batch
-    keep_B = np.asarray(batch.answer_mask_BxT).any(-1)
-    response_BxT = np.asarray(batch.response_mask_BxT)
-    chains_BxT = evaluation.layout(got, task.chain_ids, int, -1)
-    truth = {
-        "eligible": (response_BxT & ~np.asarray(batch.answer_mask_BxT))[keep_B],
-        "labels": evaluation.layout(got, task.labels)[keep_B],
-        "values": evaluation.layout(got, task.value_labels)[keep_B],
-        "roles": evaluation.layout(got, task.roles, int, 0)[keep_B],
-        "chains": chains_BxT[keep_B],
-    }
-    _, entropy_BxT, _ = jax.jit(lambda m, b: train.sequence_log_probs(m, b, capture.NONE))(
-        model, batch
-    )
-    shape = response_BxT[keep_B].shape
-    fixed = {
-        "position": evaluation.position_score_BxT(response_BxT[keep_B]),
-        "entropy": np.asarray(entropy_BxT)[keep_B],
-        "random": np.random.default_rng(seed).random(shape),
-        "constant": np.zeros(shape),
-    }
-    rows = {
-        f"{name} | -": score_metrics(s, truth, False, cfg.fraction) for name, s in fixed.items()
-    }
-    L = cfg.policy.layers
-    specs = {f"layer {i}": capture.CaptureSpec(mode="layers", layers=(i,)) for i in range(L)}
-    middle = capture.captured_layers(capture.CaptureSpec(), L)
-    specs[f"middle third {list(middle)} (default)"] = capture.CaptureSpec()
-    specs["all layers"] = capture.CaptureSpec(mode="layers", layers=tuple(range(L)))
-    prompt_BxT, done = np.asarray(batch.prompt_mask_BxT), {}
-    for label, spec in specs.items():
-        layers = capture.captured_layers(spec, L)
-        if layers not in done:  # the same layers read twice give the same numbers
-            tau_BxT, attn_BxTxT = jax.jit(lambda m, b, s=spec: evaluation.throughput(m, b, s))(
-                model, batch
-            )
-            scores = {"flowtracer": np.asarray(tau_BxT, np.float64)}
-            scores.update(evaluation.attention_scores(attn_BxTxT, prompt_BxT, response_BxT))
-            done[layers] = {
-                name: score_metrics(s[keep_B], truth, True, cfg.fraction)
-                for name, s in scores.items()
-            }
-        rows.update({f"{name} | {label}": m for name, m in done[layers].items()})
-    default = f"middle third {list(middle)} (default)"
-    for sink, source in ENDPOINTS[1:]:  # FlowTracer's other sinks and sources, default layers
-        ends = credit.CreditConfig(sink=sink, source=source)
-        tau_BxT, _ = jax.jit(
-            lambda m, b, c=ends: evaluation.throughput(m, b, capture.CaptureSpec(), c)
-        )(model, batch)
-        row = score_metrics(np.asarray(tau_BxT, np.float64)[keep_B], truth, True, cfg.fraction)
-        rows[f"flowtracer sink={sink} source={source} | {default}"] = row
-    result = {
-        "settings": settings,
-        "responses_with_answer": int(keep_B.sum()),
-        "correct": float(np.asarray(batch.rewards_B).mean()),
-        "base_rate": float(truth["labels"][truth["eligible"]].mean()) if keep_B.any() else None,
-        "rows": rows,
-        "causal": causal(model, task, got, keep_B, chains_BxT),
-    }
-    path.write_text(json.dumps(result) + "\n")
-    return result
-
-
-ANALYSIS_COLUMNS = (
-    ("precision", "precision@40"), ("auc", "AUC"), ("essential_first", "AUC first"),
-    ("essential_later", "AUC later"), ("value_precision", "value precision@40"),
-    ("value_auc", "value AUC"), ("leak_share", "share on distractors"),
-    ("queried_share", "share on queried chain"),
-)  # fmt: skip
-
-
-def analysis_table(per_seed: dict) -> str:
-    runs = list(per_seed.values())
-    head = " | ".join(label for _, label in ANALYSIS_COLUMNS)
-    lines = [
-        f"scores on the warm-up policies' sampled responses ({len(runs)} seeds; mean ± SE over "
-        "seeds; answer span not eligible; AUC over same-role pairs)",
-        f"| score | layers | {head} |",
-        "|---|---|" + "---|" * len(ANALYSIS_COLUMNS),
-    ]
-    for row in runs[0]["rows"]:
-        cells = [show(r["rows"][row].get(key) for r in runs) for key, _ in ANALYSIS_COLUMNS]
-        cells = ["-" if c == "n/a" and "share" in key else c
-                 for c, (key, _) in zip(cells, ANALYSIS_COLUMNS, strict=True)]  # fmt: skip
-        lines.append(f"| {row} | {' | '.join(cells)} |")
-    lines += [
-        "\nbase rate (queried-chain share of eligible tokens) "
-        + show(r["base_rate"] for r in runs)
-        + "; responses with an answer per seed "
-        + show(r["responses_with_answer"] for r in runs)
-        + "; sampled accuracy "
-        + show(r["correct"] for r in runs),
-        "\ncausal ground truth: answer change when a statement's tokens are hidden as keys",
-        "| masked | answer change rate | masks (all seeds) |",
-        "|---|---|---|",
-    ]
-    for kind in dict.fromkeys(k for r in runs for k in r["causal"]):
-        found = [r["causal"][kind] for r in runs if kind in r["causal"]]
-        lines.append(
-            f"| {kind} | {show(c['answer_change_rate'] for c in found)} | "
-            f"{sum(c['masks'] for c in found)} |"
-        )
-    return "\n".join(lines)
-
-
 def warmup_table(cfg: StudyConfig, rows: dict) -> str:
     runs = list(rows.values())
     lines = [
@@ -571,11 +360,13 @@ def main(argv: list[str]) -> dict:
         for s in seeds:
             model, _ = warm_policy(cfg, s, out / f"seed{s}")
             t = time.perf_counter()
-            per_seed[s] = analyse(cfg, s, model, out / f"seed{s}")
+            per_seed[s] = branches_analysis.analyse(
+                cfg, task_of(cfg, s), s, model, out / f"seed{s}"
+            )
             print(f"seed {s} analysis: {per_seed[s]['responses_with_answer']} responses with an "
                   f"answer, {time.perf_counter() - t:.0f} s", flush=True)  # fmt: skip
         result["per_seed"] = per_seed
-        text = analysis_table(per_seed)
+        text = branches_analysis.analysis_table(per_seed)
     elif cfg.stage == "control":
         rows = {}
         for s in seeds:

@@ -378,3 +378,16 @@ def arms_table(title: str, result: dict, labels: dict[str, str]) -> str:
             f"| {r['correctness_flip_rate']:.3f} |"
         )
     return "\n".join(lines)
+
+
+def mean_se(values) -> tuple[float, float, int]:
+    """(mean, standard error, count) of the finite values (None and NaN dropped)."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
+    se = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+    return (float(v.mean()) if len(v) else float("nan")), se, len(v)
+
+
+def show(values) -> str:
+    """`mean ± SE` of the finite values, "n/a" when there are none."""
+    mean, se, n = mean_se(values)
+    return "n/a" if n == 0 else f"{mean:.3f} ± {se:.3f}"

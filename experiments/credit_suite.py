@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import pathlib
 import sys
 import time
@@ -148,15 +147,6 @@ def run_one(cfg: SuiteConfig, task_name: str, seed: int, name: str, warm_params,
     return result
 
 
-def mean_se(values: list[float]) -> str:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return "n/a"
-    mean = float(np.mean(values))
-    se = float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
-    return f"{mean:.3f} ± {se:.3f}"
-
-
 def table(cfg: SuiteConfig, results: dict) -> str:
     lines = [
         "| task | credit | final accuracy (sampled) | final accuracy (greedy) | "
@@ -171,11 +161,13 @@ def table(cfg: SuiteConfig, results: dict) -> str:
                 r["steps_to_target"] if r["steps_to_target"] is not None else cfg.rl_steps + 1
                 for r in runs
             ]
-            precision = mean_se([r.get("precision") for r in runs]) if task_name == "chain" else "-"
+            precision = (
+                common.show([r.get("precision") for r in runs]) if task_name == "chain" else "-"
+            )
             lines.append(
-                f"| {task_name} | {name} | {mean_se([r['accuracy'] for r in runs])} | "
-                f"{mean_se([r['accuracy_greedy'] for r in runs])} | "
-                f"{mean_se(steps)} ({len(reached)}/{len(runs)}) | {precision} |"
+                f"| {task_name} | {name} | {common.show([r['accuracy'] for r in runs])} | "
+                f"{common.show([r['accuracy_greedy'] for r in runs])} | "
+                f"{common.show(steps)} ({len(reached)}/{len(runs)}) | {precision} |"
             )
     return "\n".join(lines)
 
@@ -228,7 +220,7 @@ def main(argv: list[str]) -> str:
     lines = [text, ""]
     for task_name in cfg.tasks:
         accs = [before[(task_name, s)] for s in range(cfg.seeds)]
-        lines.append(f"{task_name}: sampled accuracy after warm-up (before RL) {mean_se(accs)}")
+        lines.append(f"{task_name}: sampled accuracy after warm-up (before RL) {common.show(accs)}")
     lines.append(f"wall time {time.perf_counter() - started:.0f} s")
     text = "\n".join(lines)
     (out / "table.md").write_text(text + "\n")

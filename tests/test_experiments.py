@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from experiments import (
+    branches_analysis,
     branches_skill,
     branches_study,
     causal_masking,
@@ -258,18 +259,18 @@ def test_branches_study_analysis_and_gate_end_to_end(tmp_path, capsys):
     seed = analysis["per_seed"][0]
     assert seed["responses_with_answer"] > 0
     layers = ["layer 0", "layer 1", "middle third [0] (default)", "all layers"]
-    want = {f"{name} | -" for name in branches_study.FIXED_SCORES}
-    want |= {f"{name} | {layer}" for name in branches_study.FLOW_SCORES for layer in layers}
+    want = {f"{name} | -" for name in branches_analysis.FIXED_SCORES}
+    want |= {f"{name} | {layer}" for name in branches_analysis.FLOW_SCORES for layer in layers}
     want |= {
         f"flowtracer sink={sink} source={source} | {layers[2]}"
-        for sink, source in branches_study.ENDPOINTS[1:]
+        for sink, source in branches_analysis.ENDPOINTS[1:]
     }
     assert set(seed["rows"]) == want
     for name, row in seed["rows"].items():
         assert f"| {name} |" in table
         for key in ("precision", "auc", "value_precision", "value_auc"):
             assert 0.0 <= row[key] <= 1.0, (name, key)
-        if name.split(" | ")[0].split(" sink=")[0] in branches_study.FLOW_SCORES:
+        if name.split(" | ")[0].split(" sink=")[0] in branches_analysis.FLOW_SCORES:
             assert 0.0 <= row["leak_share"] <= 1.0 and 0.0 <= row["queried_share"] <= 1.0
             assert row["leak_share"] + row["queried_share"] <= 1.0 + 1e-9
         else:
@@ -280,7 +281,7 @@ def test_branches_study_analysis_and_gate_end_to_end(tmp_path, capsys):
     assert constant["auc"] == 0.5
     assert constant["precision"] == pytest.approx(seed["base_rate"], abs=0.03)
     # A 2-layer policy's default capture is layer 0: the same numbers.
-    for name in branches_study.FLOW_SCORES:
+    for name in branches_analysis.FLOW_SCORES:
         assert seed["rows"][f"{name} | layer 0"] == seed["rows"][f"{name} | {layers[2]}"]
     assert {"queried statement", "distractor statement"} <= set(seed["causal"])
     for kind in seed["causal"].values():
@@ -363,4 +364,11 @@ def test_branches_statements_split_at_semicolons():
     text = "a=1=1;c=a+2=3;b=5=5;>3"
     tokens = VOCAB.encode(text)
     chains = [0] * 6 + [0] * 8 + [1] * 6 + [-1] * 2
-    assert branches_study.statements(chains, tokens) == [(0, 0, 6), (0, 6, 14), (1, 14, 20)]
+    assert branches_analysis.statements(chains, tokens) == [(0, 0, 6), (0, 6, 14), (1, 14, 20)]
+
+
+def test_mean_se_drops_missing_values_and_uses_the_sample_standard_deviation():
+    # mean 2, sample sd 1, SE 1 / sqrt(3); None and NaN are not values.
+    assert common.mean_se([1.0, None, 2.0, float("nan"), 3.0]) == pytest.approx((2.0, 3**-0.5, 3))
+    assert common.show([1.0, 2.0, 3.0]) == "2.000 ± 0.577"
+    assert common.show([None]) == "n/a" and common.show([0.5]) == "0.500 ± nan"
