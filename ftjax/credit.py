@@ -405,3 +405,13 @@ def oracle(inputs: CreditInputs, cfg: CreditConfig) -> jax.Array:
     response_BxT = inputs.response_mask_BxT
     labelled_BxT = jnp.asarray(inputs.labels_BxT).astype(bool) & response_BxT
     return _weights(labelled_BxT, response_BxT, cfg.gamma)
+
+
+@register("oracle_answer", needs=("labels_BxT",))
+def oracle_answer(inputs: CreditInputs, cfg: CreditConfig) -> jax.Array:
+    """`oracle` plus the answer span: the labelled tokens and the answer tokens get gamma. The
+    answer is essential too, and FlowTracer can select it (the sink carries the whole unit of
+    flow), so this is the upper bound for credits that may up-weight the answer."""
+    response_BxT = inputs.response_mask_BxT
+    labelled_BxT = jnp.asarray(inputs.labels_BxT).astype(bool) | inputs.answer_mask_BxT
+    return _weights(labelled_BxT & response_BxT, response_BxT, cfg.gamma)

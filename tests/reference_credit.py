@@ -242,11 +242,12 @@ def credit(
         elif name in POINTWISE_ATTENTION:
             scores = POINTWISE_ATTENTION[name](attn_BxTxT[b], valid[b], attention_window)
             out[b] = _weights(top_k(scores, resp, k), resp, gamma)
-        elif name == "oracle":
+        elif name in ("oracle", "oracle_answer"):
             labels = np.asarray(labels_BxT, dtype=bool)[b]
             for t in range(T):
                 if resp[t]:
-                    out[b, t] = gamma if labels[t] else 1.0
+                    essential = labels[t] or (name == "oracle_answer" and answer[b, t])
+                    out[b, t] = gamma if essential else 1.0
         else:
             raise ValueError(f"no reference for credit variant {name!r}")
     return out

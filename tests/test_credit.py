@@ -37,6 +37,7 @@ BUILTIN_NEEDS = {
     "attention_received_mean": frozenset({"attn_BxTxT"}),
     "attention_max": frozenset({"attn_BxTxT"}),
     "oracle": frozenset({"labels_BxT"}),
+    "oracle_answer": frozenset({"labels_BxT"}),
     "random": frozenset({"rng"}),
     "entropy": frozenset({"entropy_BxT"}),
     "entropy_select": frozenset({"entropy_BxT"}),
@@ -53,10 +54,19 @@ PER_ROW = (
     "attention_received_mean",
     "attention_max",
     "oracle",
+    "oracle_answer",
 )
 POINTWISE = ("attention_received", "attention_received_mean", "attention_max")
 # Hard variants: response tokens get exactly gamma (selected) or 1.
-HARD = ("flowtracer", "flowtracer_inverse", "random", "entropy", *POINTWISE, "oracle")
+HARD = (
+    "flowtracer",
+    "flowtracer_inverse",
+    "random",
+    "entropy",
+    *POINTWISE,
+    "oracle",
+    "oracle_answer",
+)
 # (top_fraction, gamma) pairs.
 FRACTION_GAMMA = ((0.2, 1.5), (0.4, 1.5), (0.6, 2.0), (1.0, 0.5))
 ATOL = 1e-5
@@ -449,6 +459,15 @@ def test_oracle_up_weights_exactly_the_labelled_response_tokens():
         _check(got, want)
 
 
+def test_oracle_answer_adds_exactly_the_answer_span():
+    c = native_case("mixed")
+    assert (c.answer & c.response & ~c.labels).any()  # the case can tell the two apart
+    for labels in (np.zeros_like(c.labels), c.labels):
+        essential = (labels | c.answer) & c.response
+        got = compute(c.inputs(labels_BxT=jnp.asarray(labels)), _cfg("oracle_answer", gamma=2.0))
+        _check(got, np.where(c.response, np.where(essential, 2.0, 1.0), 0.0))
+
+
 # ---------------------------------------------------------------------------------------------
 # selection_count
 # ---------------------------------------------------------------------------------------------
@@ -649,6 +668,8 @@ def test_selected_count(variant, top_fraction, gamma):
                 want = k if has_sink else 0
             elif variant == "oracle":
                 want = int((c.labels[b] & resp).sum())
+            elif variant == "oracle_answer":
+                want = int(((c.labels[b] | c.answer[b]) & resp).sum())
             else:
                 want = k
             assert n_sel == want, (name, b, n_sel, want)
@@ -665,6 +686,7 @@ EAGER_CASE = {
     "attention_received_mean": "ties",
     "attention_max": "mixed",
     "oracle": "short",
+    "oracle_answer": "mixed",
     "random": "odd",
     "entropy": "mixed",
     "entropy_select": "ties",
