@@ -106,8 +106,8 @@ def causal(model, task, got, keep_B, chains_BxT) -> dict:
 
 
 def analyse(cfg, task: BranchesTask, seed: int, model, out: pathlib.Path) -> dict:
-    """Stage `analysis` of one seed (cfg: the study's StudyConfig), saved as analysis.json in `out`
-    and reused while its settings hold."""
+    """Stage `analysis` of one seed (cfg: the study's StudyConfig), saved in `out` and reused
+    while its settings hold."""
     path = out / "analysis.json"
     settings = {"responses": cfg.analysis_responses, "fraction": cfg.fraction, "endpoints": 1}
     if path.exists() and (saved := json.loads(path.read_text()))["settings"] == settings:
