@@ -16,11 +16,13 @@ mod 5, + and -, links that substitute their parent's value (`c=a+3=4+3=2;`). Pol
   same-role pairwise AUC and leakage into distractor chains, per captured layer and per FlowTracer
   sink/source; and the causal ground truth: each statement's tokens masked as attention keys and
   the answer re-decoded greedily (the answer-change rate per kind of statement masked).
-- `gate`: RL with `uniform` and `oracle` credit from the same warm-up, same prompts, same sampling
-  keys (the loop's seed is s in both; only the credit name differs). PRIMARY ENDPOINT, fixed
-  before any run: per seed the paired difference oracle - uniform of the mean rollout reward over
-  all RL steps (`reward_mean` of the run's metrics.jsonl); mean +/- SE over seeds, and whether it
-  is more than 2 SE from 0. Secondary: greedy and sampled held-out accuracy after RL, paired.
+- `gate`: RL with `uniform`, `oracle` and `oracle_answer` credit from the same warm-up, same
+  prompts, same sampling keys (the loop's seed is s in every arm; only the credit name differs).
+  PRIMARY ENDPOINT, fixed before any run: per seed the paired difference oracle - uniform of the
+  mean rollout reward over all RL steps (`reward_mean` of the run's metrics.jsonl); mean +/- SE
+  over seeds, and whether it is more than 2 SE from 0. The same for oracle_answer - uniform
+  (added after the first gate: the labels mark what the answer depends on, not the answer, which
+  FlowTracer can up-weight). Secondary: greedy and sampled held-out accuracy after RL, paired.
 - `arms`: the same for every arm in --arms, each against uniform.
 - `control`: the warm-up trained on answer-only demonstrations (`>value<eos>`, same steps), its
   held-out accuracy against chance (1/modulus) and the worksheet warm-up's.
@@ -59,10 +61,11 @@ from ftjax import credit, evaluation, loop, rl, rollout, sft, train
 from ftjax.tasks.branches import BranchesConfig, BranchesTask
 
 STAGES = ("warmup", "analysis", "gate", "arms", "control")
-GATE_ARMS = ("uniform", "oracle")
+GATE_ARMS = ("uniform", "oracle", "oracle_answer")
 ARMS = (
     "uniform",
     "oracle",
+    "oracle_answer",
     "flowtracer",
     "flowtracer_inverse",
     "random",
@@ -239,7 +242,7 @@ def run_arm(cfg: StudyConfig, seed: int, arm: str, warm_params, out: pathlib.Pat
     }
     # Precision of the arm's own credit on the trained policy; evaluation does not fill labels,
     # and a credit made of the labels is precise by construction: skipped for such arms.
-    if "labels_BxT" not in credit.get(arm).needs:
+    if not labelled(arm):
         result["precision"] = common.credit_precision(
             model, task, [arm], cfg.precision_responses, prompt_len, new,
             jax.random.PRNGKey(seed + 7), cfg.fraction,
@@ -257,6 +260,11 @@ def verdict(diffs: list[float]) -> str:
     if n < 2:
         return "n/a (1 seed)"
     return f"{'yes' if abs(mean) > 2 * se else 'no'} ({mean / se:+.1f} SE)" if se > 0 else "n/a"
+
+
+def labelled(arm: str) -> bool:
+    """Whether the arm's credit is made of the task's labels (its precision is 1 by design)."""
+    return "labels_BxT" in credit.get(arm).needs
 
 
 def arms_table(cfg: StudyConfig, arms, results: dict, before: dict) -> str:
@@ -279,7 +287,7 @@ def arms_table(cfg: StudyConfig, arms, results: dict, before: dict) -> str:
             f"{diff(paired(results, arm, 'accuracy_greedy', seeds))} | "
             f"{show(r['accuracy_sampled'] for r in runs)} | "
             f"{diff(paired(results, arm, 'accuracy_sampled', seeds))} | "
-            f"{show(r.get('precision') for r in runs) if arm != 'oracle' else 'by construction'} |"
+            f"{'by construction' if labelled(arm) else show(r.get('precision') for r in runs)} |"
         )
     lines.append(
         f"\nwarm-up (before RL): greedy {show(b['accuracy_greedy'] for b in before.values())}, "

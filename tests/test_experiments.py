@@ -290,8 +290,8 @@ def test_branches_study_analysis_and_gate_end_to_end(tmp_path, capsys):
     warmup = (out / "seed0" / "warmup.json").read_text()
     gate = branches_study.main(["--stage", "gate", *argv])
     assert (out / "seed0" / "warmup.json").read_text() == warmup  # the same warm-up, reused
-    assert set(gate["runs"]) == {"seed0/uniform", "seed0/oracle"}
-    for arm in ("uniform", "oracle"):
+    assert set(gate["runs"]) == {"seed0/uniform", "seed0/oracle", "seed0/oracle_answer"}
+    for arm in ("uniform", "oracle", "oracle_answer"):
         history = read_jsonl(out / "seed0" / f"rl_{arm}" / "metrics.jsonl")
         assert sorted(history) == [0, 1]
         run = gate["runs"][f"seed0/{arm}"]
@@ -299,7 +299,8 @@ def test_branches_study_analysis_and_gate_end_to_end(tmp_path, capsys):
             np.mean([m["reward_mean"] for m in history.values()])
         )
         assert all(np.isfinite(run[k]) for k in ("accuracy_greedy", "accuracy_sampled"))
-    assert "precision" not in gate["runs"]["seed0/oracle"]  # by construction; not measured
+    for arm in ("oracle", "oracle_answer"):  # by construction; not measured
+        assert "precision" not in gate["runs"][f"seed0/{arm}"]
     assert 0.0 <= gate["runs"]["seed0/uniform"]["precision"] <= 1.0
     diff = (
         gate["runs"]["seed0/oracle"]["reward_mean"] - gate["runs"]["seed0/uniform"]["reward_mean"]
