@@ -101,7 +101,7 @@ def teacher_forced_skill(model, task, count: int, prompt_len: int) -> dict[str, 
 # chosen, from warm-up read-outs alone: experiments/RESULTS.md, "calibrating the warm-up".
 STUDY_TASK = BranchesConfig(chain_length=2, modulus=5, substitute=True)
 STUDY_POLICY = common.PolicyConfig(layers=4, hidden=128, heads=4)
-STUDY_WARMUP = sft.SFTConfig(steps=500, batch_size=32, lr=1e-3, warmup_steps=50)
+STUDY_WARMUP = sft.SFTConfig(steps=800, batch_size=32, lr=1e-3, warmup_steps=80)
 
 
 @dataclasses.dataclass(frozen=True)
