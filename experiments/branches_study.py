@@ -30,7 +30,7 @@ mod 5, + and -, links that substitute their parent's value (`c=a+3=4+3=2;`). Pol
 Every finished run and analysis is saved as JSON under --out and reused when run again; the
 settings that define them are kept beside them, and a rerun under other settings is refused.
 Each stage prints and writes out/<stage>.md and out/<stage>.json.
-The defaults were fixed from warm-up read-outs alone, before any RL run at them
+The defaults were chosen from warm-up read-outs; no RL result bore on the choice
 (experiments/RESULTS.md, "Dead-end branches: calibrating the warm-up"). Tiny policies learn the
 worksheet's layout first, then to copy digits, then the arithmetic. The first default (800
 steps at lr 3e-3) copied every number but did little arithmetic (teacher-forced link values
