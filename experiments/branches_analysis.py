@@ -176,6 +176,7 @@ def analyse(cfg, task: BranchesTask, seed: int, model, out: pathlib.Path) -> dic
         "rows": rows,
         "causal": causal(model, task, got, keep_B, chains_BxT),
     }
+    out.mkdir(parents=True, exist_ok=True)  # absent when the warm-up came from --warmups_from
     path.write_text(json.dumps(result) + "\n")
     return result
 

@@ -328,6 +328,11 @@ def test_branches_study_analysis_and_gate_end_to_end(tmp_path, capsys):
     tried = branches_study.main([*budget, "--lr", "3e-4"])
     assert tried["before"] == gate["before"] and not (other / "seed0" / "warmup").exists()
     assert (other / "seed0" / "rl_uniform" / "metrics.jsonl").exists()  # its own RL runs
+    # The analysis of warm-ups made elsewhere is written under this study's --out.
+    fresh = ["--stage", "analysis", *BRANCHES_TOY, "--warmups_from", str(out)]
+    elsewhere = branches_study.main([*fresh, "--out", str(tmp_path / "fresh")])
+    assert elsewhere["per_seed"][0]["rows"] == analysis["per_seed"][0]["rows"]
+    assert (tmp_path / "fresh" / "seed0" / "analysis.json").exists()
     with pytest.raises(ValueError, match="warmups_from.*warmup"):
         branches_study.main([*budget, "--warmup.steps", "101", "--out", str(tmp_path / "x")])
     # The warm-up read-out: the same warm-up, its accuracy and skill per kind of token.
