@@ -8,7 +8,10 @@ entropy, a position-only score, random and a constant. Per score: precision@frac
 queried chain's tokens and its value tokens, the same-role pairwise AUC (overall, essential token
 first, essential token later) and, for scores read from attention, the share of the score's total
 on distractor-chain and queried-chain statements. Eligible tokens: the response less its answer
-span. Dims: B responses, T tokens, M masks.
+span. Per layer, where the sink rows look (`sink_rows`): the share of the answer row's and of its
+predictor row's attention on the queried chain, the distractor chains, the prompt and the queried
+chain's last value (the one token the answer must read), over correctly answered responses.
+Dims: B responses, T tokens, S keys, M masks.
 """
 
 from __future__ import annotations
@@ -49,6 +52,35 @@ def score_metrics(score_BxT, truth: dict, nonnegative: bool, fraction: float) ->
         for name, where_BxT in (("leak", chains_BxT >= 1), ("queried", chains_BxT == 0)):
             share_B = (mass_BxT * where_BxT).sum(-1)[live_B] / total_B[live_B]
             out[f"{name}_share"] = float(share_B.mean()) if live_B.any() else float("nan")
+    return out
+
+
+SINK_ROWS = (("predictor", -1), ("answer", 0))  # the row before the answer's first token; its own
+SINK_TARGETS = ("queried", "distractors", "prompt", "queried_last_value")
+
+
+def sink_rows(attn_BxTxS, answer_BxT, chains_BxT, prompt_BxT, values_BxT) -> dict:
+    """Mean over responses of where each sink row's attention goes (SINK_TARGETS); responses
+    without an answer or without a queried-chain value are skipped."""
+    targets_BxS = {
+        "queried": chains_BxT == 0,
+        "distractors": chains_BxT >= 1,
+        "prompt": prompt_BxT,
+        "queried_last_value": np.zeros_like(prompt_BxT, bool),
+    }
+    queried_values_BxT = values_BxT & (chains_BxT == 0)
+    live_B = answer_BxT.any(-1) & queried_values_BxT.any(-1)
+    rows_B = np.flatnonzero(live_B)
+    last_B = answer_BxT.shape[1] - 1 - queried_values_BxT[:, ::-1].argmax(-1)
+    targets_BxS["queried_last_value"][rows_B, last_B[rows_B]] = True
+    first_B = answer_BxT.argmax(-1)
+    out = {}
+    for row, offset in SINK_ROWS:
+        attn_BxS = attn_BxTxS[rows_B, first_B[rows_B] + offset]
+        out[row] = {
+            name: float((attn_BxS * where_BxS[rows_B]).sum(-1).mean()) if rows_B.size else None
+            for name, where_BxS in targets_BxS.items()
+        }
     return out
 
 
@@ -105,13 +137,26 @@ def causal(model, task, got, keep_B, chains_BxT) -> dict:
     }  # fmt: skip
 
 
+def saved(cfg, out: pathlib.Path) -> dict | None:
+    """A seed's saved analysis made under the current settings, or None."""
+    path = out / "analysis.json"
+    if path.exists() and (found := json.loads(path.read_text()))["settings"] == settings(cfg):
+        return found
+    return None
+
+
+def settings(cfg) -> dict:
+    return {
+        "responses": cfg.analysis_responses, "fraction": cfg.fraction, "endpoints": 1,
+        "sink_rows": 1,
+    }  # fmt: skip
+
+
 def analyse(cfg, task: BranchesTask, seed: int, model, out: pathlib.Path) -> dict:
     """Stage `analysis` of one seed (cfg: the study's StudyConfig), saved in `out` and reused
     while its settings hold."""
-    path = out / "analysis.json"
-    settings = {"responses": cfg.analysis_responses, "fraction": cfg.fraction, "endpoints": 1}
-    if path.exists() and (saved := json.loads(path.read_text()))["settings"] == settings:
-        return saved
+    if (found := saved(cfg, out)) is not None:
+        return found
     prompt_len, new = cfg.lengths()
     got = evaluation.sample(
         model, task, common.EVAL_START, cfg.analysis_responses, prompt_len,
@@ -146,7 +191,12 @@ def analyse(cfg, task: BranchesTask, seed: int, model, out: pathlib.Path) -> dic
     middle = capture.captured_layers(capture.CaptureSpec(), L)
     specs[f"middle third {list(middle)} (default)"] = capture.CaptureSpec()
     specs["all layers"] = capture.CaptureSpec(mode="layers", layers=tuple(range(L)))
-    prompt_BxT, done = np.asarray(batch.prompt_mask_BxT), {}
+    prompt_BxT, done, looks = np.asarray(batch.prompt_mask_BxT), {}, {}
+    solved_B = keep_B & (np.asarray(batch.rewards_B) > 0)
+    sink_truth = (
+        np.asarray(batch.answer_mask_BxT)[solved_B], chains_BxT[solved_B],
+        prompt_BxT[solved_B], evaluation.layout(got, task.value_labels)[solved_B],
+    )  # fmt: skip
     for label, spec in specs.items():
         layers = capture.captured_layers(spec, L)
         if layers not in done:  # the same layers read twice give the same numbers
@@ -159,6 +209,8 @@ def analyse(cfg, task: BranchesTask, seed: int, model, out: pathlib.Path) -> dic
                 name: score_metrics(s[keep_B], truth, True, cfg.fraction)
                 for name, s in scores.items()
             }
+            if len(layers) == 1:
+                looks[label] = sink_rows(np.asarray(attn_BxTxT)[solved_B], *sink_truth)
         rows.update({f"{name} | {label}": m for name, m in done[layers].items()})
     default = f"middle third {list(middle)} (default)"
     for sink, source in ENDPOINTS[1:]:  # FlowTracer's other sinks and sources, default layers
@@ -169,15 +221,16 @@ def analyse(cfg, task: BranchesTask, seed: int, model, out: pathlib.Path) -> dic
         row = score_metrics(np.asarray(tau_BxT, np.float64)[keep_B], truth, True, cfg.fraction)
         rows[f"flowtracer sink={sink} source={source} | {default}"] = row
     result = {
-        "settings": settings,
+        "settings": settings(cfg),
         "responses_with_answer": int(keep_B.sum()),
         "correct": float(np.asarray(batch.rewards_B).mean()),
         "base_rate": float(truth["labels"][truth["eligible"]].mean()) if keep_B.any() else None,
         "rows": rows,
         "causal": causal(model, task, got, keep_B, chains_BxT),
+        "sink_rows": looks,  # per single layer, over correctly answered responses
     }
     out.mkdir(parents=True, exist_ok=True)  # absent when the warm-up came from --warmups_from
-    path.write_text(json.dumps(result) + "\n")
+    (out / "analysis.json").write_text(json.dumps(result) + "\n")
     return result
 
 
@@ -220,4 +273,15 @@ def analysis_table(per_seed: dict) -> str:
             f"| {kind} | {show(c['answer_change_rate'] for c in found)} | "
             f"{sum(c['masks'] for c in found)} |"
         )
+    lines += [
+        "\nwhere the sink rows look: share of the row's attention (mean over heads), over "
+        "correctly answered responses",
+        f"| layer | row | {' | '.join(SINK_TARGETS)} |",
+        "|---|---|" + "---|" * len(SINK_TARGETS),
+    ]
+    for layer in dict.fromkeys(k for r in runs for k in r.get("sink_rows", {})):
+        for row, _ in SINK_ROWS:
+            found = [r["sink_rows"][layer][row] for r in runs if layer in r.get("sink_rows", {})]
+            cells = [show(f[name] for f in found) for name in SINK_TARGETS]
+            lines.append(f"| {layer} | {row} | {' | '.join(cells)} |")
     return "\n".join(lines)

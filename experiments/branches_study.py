@@ -96,6 +96,7 @@ class StudyConfig:
     prompts_per_step: int = 8
     group_size: int = 8
     lr: float = 1e-4
+    adam_eps: float = 1e-8  # the RL optimizer's Adam epsilon (train.OptimConfig.eps)
     gamma: float = 1.5  # the weight of each arm's selected tokens (the paper's 1.5)
     temperature: float = 1.0
     eval_prompts: int = 128
@@ -157,7 +158,8 @@ WARMUP_KEYS = ("task", "policy", "warmup", "eval_prompts", "lengths")  # what de
 def identity(cfg: StudyConfig) -> dict:
     """The settings every saved warm-up and run under --out was made with."""
     keys = ("task", "policy", "warmup", "rl_steps", "prompts_per_step", "group_size", "lr",
-            "gamma", "temperature", "eval_prompts", "precision_responses", "fraction")  # fmt: skip
+            "adam_eps", "gamma", "temperature", "eval_prompts", "precision_responses",
+            "fraction")  # fmt: skip
     out = {k: v for k, v in dataclasses.asdict(cfg).items() if k in keys}
     return json.loads(json.dumps({**out, "lengths": cfg.lengths()}))
 
@@ -211,16 +213,14 @@ def accuracies(model, task, cfg: StudyConfig, seed: int) -> dict[str, float]:
 # ----------------------------------------------------------------------------- RL arms
 
 
-def run_arm(cfg: StudyConfig, seed: int, arm: str, warm_params, out: pathlib.Path) -> dict:
-    path = out / f"{arm}.json"
-    if path.exists():
-        return json.loads(path.read_text())
+def arm_configs(cfg: StudyConfig, seed: int, arm: str):
+    """(StepConfig, LoopConfig) of one arm's RL run."""
     task, (prompt_len, new) = task_of(cfg, seed), cfg.lengths()
     step_cfg = train.StepConfig(
         group_size=cfg.group_size,
         loss=rl.LossConfig(clip_high=0.28),
         credit=credit.CreditConfig(name=arm, gamma=cfg.gamma),
-        optim=train.OptimConfig(lr=cfg.lr),
+        optim=train.OptimConfig(lr=cfg.lr, eps=cfg.adam_eps),
     )
     loop_cfg = loop.LoopConfig(
         steps=cfg.rl_steps,
@@ -232,6 +232,15 @@ def run_arm(cfg: StudyConfig, seed: int, arm: str, warm_params, out: pathlib.Pat
         seed=seed,  # the same prompts and sampling keys for every arm of this seed
         progress=cfg.progress,
     )
+    return step_cfg, loop_cfg
+
+
+def run_arm(cfg: StudyConfig, seed: int, arm: str, warm_params, out: pathlib.Path) -> dict:
+    path = out / f"{arm}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    task, (prompt_len, new) = task_of(cfg, seed), cfg.lengths()
+    step_cfg, loop_cfg = arm_configs(cfg, seed, arm)
     started = time.perf_counter()
     model, history = common.rl_run(
         warm_params, cfg.policy, task, step_cfg, loop_cfg, out / f"rl_{arm}"
@@ -371,11 +380,13 @@ def main(argv: list[str]) -> dict:
     elif cfg.stage == "analysis":
         per_seed = {}
         for s in seeds:
-            model, _ = warm_policy(cfg, s, out / f"seed{s}")
             t = time.perf_counter()
-            per_seed[s] = branches_analysis.analyse(
-                cfg, task_of(cfg, s), s, model, out / f"seed{s}"
-            )
+            per_seed[s] = branches_analysis.saved(cfg, out / f"seed{s}")
+            if per_seed[s] is None:  # no warm-up is trained or restored for a saved analysis
+                model, _ = warm_policy(cfg, s, out / f"seed{s}")
+                per_seed[s] = branches_analysis.analyse(
+                    cfg, task_of(cfg, s), s, model, out / f"seed{s}"
+                )
             print(f"seed {s} analysis: {per_seed[s]['responses_with_answer']} responses with an "
                   f"answer, {time.perf_counter() - t:.0f} s", flush=True)  # fmt: skip
         result["per_seed"] = per_seed

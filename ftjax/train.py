@@ -41,11 +41,14 @@ class OptimConfig:
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     b1: float = 0.9  # Adam's first-moment decay
     b2: float = 0.999  # Adam's second-moment decay
+    # Adam's epsilon (optax's default 1e-8). Larger values damp the per-parameter normalisation
+    # for parameters whose gradients are tiny (PPO implementations commonly use 1e-5)
+    eps: float = 1e-8
     grad_clip: float = 1.0  # gradients clipped to this global norm
     max_nonfinite_steps: int = 3  # consecutive skipped steps before the loop stops
 
     def __post_init__(self):
-        for name in ("lr", "grad_clip"):
+        for name in ("lr", "grad_clip", "eps"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"OptimConfig.{name} must be finite and > 0, got {value}")
@@ -155,6 +158,7 @@ def optimizer(
             cfg.lr if learning_rate is None else learning_rate,
             cfg.b1,
             cfg.b2,
+            eps=cfg.eps,
             weight_decay=cfg.weight_decay,
         ),
     )

@@ -4,6 +4,7 @@ exactly the numbers it wrote to its logs."""
 import json
 import pathlib
 import re
+import shutil
 from html.parser import HTMLParser
 
 import matplotlib.image
@@ -284,8 +285,23 @@ def test_branches_study_analysis_and_gate_end_to_end(tmp_path, capsys):
     for name in branches_analysis.FLOW_SCORES:
         assert seed["rows"][f"{name} | layer 0"] == seed["rows"][f"{name} | {layers[2]}"]
     assert {"queried statement", "distractor statement"} <= set(seed["causal"])
+    assert set(seed["sink_rows"]) <= {"layer 0", "layer 1"}  # empty when nothing was solved
+    for rows in seed["sink_rows"].values():
+        for shares in rows.values():
+            assert sum(shares[k] for k in ("queried", "distractors", "prompt")) <= 1.0 + 1e-6
+            assert 0.0 <= shares["queried_last_value"] <= shares["queried"] + 1e-9
     for kind in seed["causal"].values():
         assert 0.0 <= kind["answer_change_rate"] <= 1.0 and kind["masks"] > 0
+
+    # A copy of the saved analysis prints the same table without a warm-up to train or restore.
+    copy = tmp_path / "copy"
+    (copy / "seed0").mkdir(parents=True)
+    for name in ("study.json", "seed0/analysis.json"):
+        (copy / name).write_text((out / name).read_text())
+    again = branches_study.main(["--stage", "analysis", *BRANCHES_TOY, "--out", str(copy)])
+    assert again["per_seed"] == analysis["per_seed"]
+    assert sorted(p.name for p in (copy / "seed0").iterdir()) == ["analysis.json"]
+    shutil.rmtree(copy)
 
     warmup = (out / "seed0" / "warmup.json").read_text()
     gate = branches_study.main(["--stage", "gate", *argv])
@@ -362,6 +378,62 @@ def test_branches_study_refuses_a_bad_config_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="seed_from"):
         branches_study.main(["--seeds", "2", "--seed_from", "2", *out])
     assert not list(tmp_path.iterdir())
+
+
+def _sink_rows_reference(attn, answer, chains, prompt, values):
+    """Loops: per response with an answer and a queried value, the answer row and the row
+    before it; sums of their attention over each target set; means over those responses."""
+    sums = {row: {k: [] for k in branches_analysis.SINK_TARGETS} for row in ("predictor", "answer")}
+    for b in range(attn.shape[0]):
+        firsts = [t for t in range(attn.shape[1]) if answer[b, t]]
+        queried_values = [t for t in range(attn.shape[1]) if values[b, t] and chains[b, t] == 0]
+        if not firsts or not queried_values:
+            continue
+        for row, t in (("predictor", firsts[0] - 1), ("answer", firsts[0])):
+            got = dict.fromkeys(branches_analysis.SINK_TARGETS, 0.0)
+            for s in range(attn.shape[2]):
+                got["queried"] += attn[b, t, s] * (chains[b, s] == 0)
+                got["distractors"] += attn[b, t, s] * (chains[b, s] >= 1)
+                got["prompt"] += attn[b, t, s] * prompt[b, s]
+                got["queried_last_value"] += attn[b, t, s] * (s == max(queried_values))
+            for k, v in got.items():
+                sums[row][k].append(v)
+    return {row: {k: float(np.mean(v)) for k, v in d.items()} for row, d in sums.items()}
+
+
+def test_branches_sink_rows_match_a_loop_reference():
+    rng = np.random.default_rng(0)
+    B, T = 6, 12
+    attn = rng.random((B, T, T))
+    attn /= attn.sum(-1, keepdims=True)
+    prompt = np.zeros((B, T), bool)
+    prompt[:, :3] = True
+    chains = rng.integers(-1, 3, (B, T))
+    chains[:, :3] = -1
+    values = rng.random((B, T)) < 0.4
+    answer = np.zeros((B, T), bool)
+    answer[np.arange(B), rng.integers(5, T, B)] = True
+    answer[1] = False  # no answer: skipped
+    values[2] = False  # no queried value: skipped
+    got = branches_analysis.sink_rows(attn, answer, chains, prompt, values)
+    want = _sink_rows_reference(attn, answer, chains, prompt, values)
+    for row in want:
+        for k in want[row]:
+            assert got[row][k] == pytest.approx(want[row][k], abs=1e-12), (row, k)
+    # By hand: one response, predictor row (t = 3) all on the queried last value (t = 2).
+    one = np.zeros((1, 5, 5))
+    one[0, 3, 2] = 1.0
+    one[0, 4, 0] = 1.0
+    hand = branches_analysis.sink_rows(
+        one, np.array([[0, 0, 0, 0, 1]], bool), np.array([[-1, 0, 0, -1, -1]]),
+        np.array([[1, 0, 0, 0, 0]], bool), np.array([[0, 1, 1, 0, 0]], bool),
+    )  # fmt: skip
+    assert hand["predictor"] == {
+        "queried": 1.0, "distractors": 0.0, "prompt": 0.0, "queried_last_value": 1.0
+    }  # fmt: skip
+    assert hand["answer"] == {
+        "queried": 0.0, "distractors": 0.0, "prompt": 1.0, "queried_last_value": 0.0
+    }  # fmt: skip
 
 
 def test_branches_statements_split_at_semicolons():
