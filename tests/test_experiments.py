@@ -349,6 +349,17 @@ def test_branches_study_analysis_and_gate_end_to_end(tmp_path, capsys):
     elsewhere = branches_study.main([*fresh, "--out", str(tmp_path / "fresh")])
     assert elsewhere["per_seed"][0]["rows"] == analysis["per_seed"][0]["rows"]
     assert (tmp_path / "fresh" / "seed0" / "analysis.json").exists()
+    # Held-out accuracy is the study's own: other eval_prompts re-evaluate the same warm-up.
+    at = BRANCHES_TOY.index("--eval_prompts")
+    toy = BRANCHES_TOY[:at] + BRANCHES_TOY[at + 2 :]
+    wider = tmp_path / "wider"
+    branches_study.main(
+        ["--stage", "warmup", *toy, "--eval_prompts", "16", "--warmups_from", str(out),
+         "--out", str(wider)]
+    )  # fmt: skip
+    assert not (wider / "seed0" / "warmup").exists()  # restored from --warmups_from
+    record = json.loads((wider / "seed0" / "warmup.json").read_text())
+    assert record["accuracy_greedy"] * 16 == round(record["accuracy_greedy"] * 16)
     with pytest.raises(ValueError, match="warmups_from.*warmup"):
         branches_study.main([*budget, "--warmup.steps", "101", "--out", str(tmp_path / "x")])
     # The warm-up read-out: the same warm-up, its accuracy and skill per kind of token.
