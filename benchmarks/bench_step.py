@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.common import compiled_bytes, environment_line, median_ms, small_llama_config
-from ftjax import credit, sharding, train
+from ftjax import credit, mesh_step, sharding, state_init, train
 from ftjax.models import transformer
 
 
@@ -54,9 +54,9 @@ def measure(
         micro_batch=micro_batch,
     )
     model = transformer.Transformer(small_llama_config(max_len), rngs=nnx.Rngs(0))
-    graphdef, state = train.init_state(model, cfg, jax.random.PRNGKey(0))
+    graphdef, state = state_init.init_state(model, cfg, jax.random.PRNGKey(0))
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=1), jax.devices()[:1])
-    step_fn, state = train.make_train_step(graphdef, state, batch, cfg, mesh)
+    step_fn, state = mesh_step.make_train_step(graphdef, state, batch, cfg, mesh)
     memory = compiled_bytes(step_fn, state, batch) / 2**20
 
     def run(state, batch):  # keep the donated state threaded through the timed calls

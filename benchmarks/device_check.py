@@ -1,8 +1,8 @@
 """The real train step and sampler timed on an accelerator, in one run under a time budget.
 
 For a device lent for minutes, with nothing to install. Measured, most important first: the
-train step (`train.make_train_step` on the 1-device mesh, the state created already sharded by
-`train.init_state_sharded`; a Qwen3 shape with random weights, the largest of `--models` that
+train step (`mesh_step.make_train_step` on the 1-device mesh, the state created already sharded by
+`state_init.init_state_sharded`; a Qwen3 shape with random weights, the largest of `--models` that
 fits; bf16 compute, remat full, `scan_layers`, `logit_chunk` 512, prompt 256) at 1K response
 tokens with flowtracer then uniform credit, then the same at 8K; `sampling.generate` tokens/s
 at batch 64 then 256 (float32 parameters, as `loop.run` samples, and bfloat16); `credit_pass

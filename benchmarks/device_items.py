@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ftjax import credit, sampling, sharding, train
+from ftjax import credit, mesh_step, sampling, sharding, state_init, train
 from ftjax.models import config
 from ftjax.models.transformer import Transformer
 
@@ -142,10 +142,10 @@ def step_item(spec: dict, record: Record) -> None:
     T = spec["prompt"] + spec["response"]
     model_cfg = model_config(spec["model"], T)
     mesh = one_device_mesh()
-    limit = train.device_memory_limit(mesh)
+    limit = mesh_step.device_memory_limit(mesh)
     make_model = lambda rngs: Transformer(model_cfg, rngs=rngs)  # noqa: E731
     micro = spec["micro_batch"]
-    _, like = train.abstract_state(make_model, step_config(spec, micro), mesh)
+    _, like = state_init.abstract_state(make_model, step_config(spec, micro), mesh)
     params_bytes = tree_bytes(like.params)
     result.update(
         T=T,
@@ -164,7 +164,7 @@ def step_item(spec: dict, record: Record) -> None:
         )
     record.stage("init")
     start = time.perf_counter()
-    graphdef, state = train.init_state_sharded(
+    graphdef, state = state_init.init_state_sharded(
         make_model, step_config(spec, micro), jax.random.PRNGKey(0), mesh
     )
     jax.block_until_ready(state)
@@ -172,7 +172,7 @@ def step_item(spec: dict, record: Record) -> None:
     result.update(init_s=time.perf_counter() - start, attempts=[])
     record.save()
     while True:
-        step_fn, state = train.make_train_step(
+        step_fn, state = mesh_step.make_train_step(
             graphdef, state, batch, step_config(spec, micro), mesh
         )
         record.stage(f"lower (micro_batch {micro})")

@@ -1,9 +1,9 @@
 """Per-device memory plan of the real train step for a model and setting, compiled abstractly.
 
-`train.train_step` is jitted as `train.make_train_step` jits it (state FSDP-sharded and donated,
+`train.train_step` is jitted as `mesh_step.make_train_step` jits it (state FSDP-sharded and donated,
 batch over (data, fsdp), metrics replicated) and compiled on `jax.ShapeDtypeStruct`s carrying
 those shardings, on fake CPU devices: nothing is allocated. Printed per device: XLA's memory
-analysis (arguments, outputs, temporaries, aliased; total as `train.planned_bytes` counts it),
+analysis (arguments, outputs, temporaries, aliased; total as `mesh_step.planned_bytes` counts it),
 the parameters' and optimiser state's shares, the largest values of the compiled program (a
 list of big buffers, not a liveness analysis), and the compile time.
 
@@ -92,7 +92,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import environment_line  # noqa: E402
-from ftjax import credit, microbatch, rollout, sharding, train  # noqa: E402
+from ftjax import credit, mesh_step, microbatch, rollout, sharding, state_init, train  # noqa: E402
 from ftjax.models import config  # noqa: E402
 from ftjax.models.transformer import Transformer  # noqa: E402
 
@@ -140,9 +140,9 @@ def abstract_batch(rows: int, tokens: int, mesh: jax.sharding.Mesh) -> train.Bat
 
 
 def jit_train_step(graphdef, state, batch: train.Batch, cfg: train.StepConfig, mesh):
-    """`train.train_step` jitted exactly as `train.make_train_step` jits it, without placing a
+    """`train.train_step` jitted exactly as `mesh_step.make_train_step` jits it, without placing a
     concrete state on the mesh (`tests/test_benchmarks.py` checks that both plan the same)."""
-    placed = train.state_shardings(state, mesh)
+    placed = state_init.state_shardings(state, mesh)
     return jax.jit(
         functools.partial(train.train_step, graphdef, cfg=cfg, mesh=mesh),
         in_shardings=(placed, jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch)),
@@ -192,7 +192,7 @@ class Plan:
     output: int
     temp: int
     alias: int
-    total: int  # argument + output + temp - alias, as `train.planned_bytes`
+    total: int  # argument + output + temp - alias, as `mesh_step.planned_bytes`
     params: int
     opt_state: int
     compile_s: float
@@ -211,7 +211,7 @@ def plan(graphdef, state, batch: train.Batch, cfg: train.StepConfig, mesh, top: 
         output=int(stats.output_size_in_bytes),
         temp=int(stats.temp_size_in_bytes),
         alias=int(stats.alias_size_in_bytes),
-        total=train.planned_bytes(step_fn, state, batch),  # the compile above is cached
+        total=mesh_step.planned_bytes(step_fn, state, batch),  # the compile above is cached
         params=shard_bytes(state.params),
         opt_state=shard_bytes(state.opt_state),
         compile_s=compile_s,
@@ -237,7 +237,7 @@ def plan_setting(args: argparse.Namespace) -> tuple[Plan, dict]:
     mesh = sharding.make_mesh(sharding.MeshConfig(data=data, fsdp=fsdp))
     sharding.check_batch(args.rollouts, mesh)
     microbatch.passes(args.rollouts, cfg.micro_batch, data * fsdp)
-    graphdef, state = train.abstract_state(
+    graphdef, state = state_init.abstract_state(
         lambda rngs: Transformer(model_cfg, rngs=rngs), cfg, mesh
     )
     batch = abstract_batch(args.rollouts, tokens, mesh)

@@ -19,7 +19,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ftjax import checkpoint, credit, evaluation, loop, overrides, rl, rollout, sft, train
+from ftjax import (
+    checkpoint,
+    credit,
+    evaluation,
+    loop,
+    overrides,
+    rl,
+    rollout,
+    sft,
+    state_init,
+    train,
+)
 from ftjax.checkpoint import Checkpointer
 from ftjax.logging import MetricsLogger, read_jsonl
 from ftjax.models import config as model_config
@@ -237,7 +248,7 @@ def load_policy(checkpoint_dir: pathlib.Path, policy: PolicyConfig) -> Transform
     """The policy of the latest checkpoint in `checkpoint_dir` (a warm-up's or an RL run's)."""
     if not pathlib.Path(checkpoint_dir).is_dir():
         raise ValueError(f"no checkpoint in {checkpoint_dir}; run the quickstart first")
-    model, _ = train.restore_policy(build_policy(policy, seed=0), checkpoint_dir)
+    model, _ = state_init.restore_policy(build_policy(policy, seed=0), checkpoint_dir)
     return model
 
 

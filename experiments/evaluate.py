@@ -21,7 +21,7 @@ import json
 import pathlib
 import sys
 
-from ftjax import evaluation, overrides, train
+from ftjax import evaluation, overrides, state_init
 from ftjax.evaluation import EvalConfig
 from ftjax.models import pretrained
 from ftjax.tasks.data import DataConfig
@@ -45,7 +45,7 @@ def main(argv: list[str]) -> dict[str, float]:
     policy = pretrained.load(cfg.model, cfg.param_dtype, cfg.compute_dtype)
     model, step = policy.model, 0
     if cfg.checkpoint is not None:
-        model, step = train.restore_policy(model, cfg.checkpoint)
+        model, step = state_init.restore_policy(model, cfg.checkpoint)
     shots = cfg.prompt.load_shots(cfg.data)
     task, problems = build_task(policy, cfg.data, cfg.prompt, cfg.eval.prompt_len, shots)
     for problem in problems:

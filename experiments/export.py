@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ftjax import checkpoint, overrides, train
+from ftjax import checkpoint, overrides, state_init
 from ftjax.checkpoint import Checkpointer
 from ftjax.models import hf, pretrained
 from ftjax.models.config import ModelConfig, RopeScaling
@@ -144,7 +144,7 @@ def copy_from_source(source: pathlib.Path, out: pathlib.Path) -> list[str]:
 
 
 def restore(cfg: ModelConfig, checkpoints: pathlib.Path, dtype: str) -> tuple[Transformer, int]:
-    """The latest policy in `checkpoints` (`train.restore_policy`), restored on this host's CPU
+    """The latest policy in `checkpoints` (`state_init.restore_policy`), restored on this host's CPU
     whatever mesh the run had, into a model made abstractly (no random weights are computed)."""
     cpu = jax.local_devices(backend="cpu")[0]
     on_cpu = jax.sharding.SingleDeviceSharding(cpu)
@@ -152,7 +152,7 @@ def restore(cfg: ModelConfig, checkpoints: pathlib.Path, dtype: str) -> tuple[Tr
     graphdef, shapes = nnx.split(model)
     placed = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_cpu), shapes)
     with jax.default_device(cpu):  # where the optimiser state it restores alongside is made
-        return train.restore_policy(nnx.merge(graphdef, placed), checkpoints)
+        return state_init.restore_policy(nnx.merge(graphdef, placed), checkpoints)
 
 
 def main(argv: list[str]) -> pathlib.Path:

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import credit, logging, microbatch, multihost, sharding, train, viz
+from ftjax import credit, logging, microbatch, multihost, sharding, state_init, train, viz
 
 HTML_ROWS = 16  # rows drawn on each step's page (all of them go to completions.jsonl)
 JSONL = "completions.jsonl"
@@ -86,7 +86,7 @@ def make_credit_tokens(graphdef, state: train.TrainState, batch: train.Batch, cf
     rows = sharding.batch_sharding(mesh)
     return jax.jit(
         lambda state, batch: credit_tokens(graphdef, state, batch, cfg, mesh),
-        in_shardings=(train.state_shardings(state, mesh), jax.tree.map(lambda _: rows, batch)),
+        in_shardings=(state_init.state_shardings(state, mesh), jax.tree.map(lambda _: rows, batch)),
         out_shardings=rows,
     )
 

@@ -34,7 +34,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ftjax import checkpoint, completions, multihost, rollout, rundir, sampling, sharding, train
+from ftjax import (
+    checkpoint,
+    completions,
+    mesh_step,
+    multihost,
+    rollout,
+    rundir,
+    sampling,
+    sharding,
+    state_init,
+    train,
+)
 from ftjax.checkpoint import Checkpointer
 from ftjax.logging import MetricsLogger, WandbConfig, scalars
 
@@ -130,11 +141,11 @@ class Updates:
         part = rollout.batch_like(
             B // cfg.minibatches, T, reference=kl, gamma=several, labels=labels
         )
-        step_fn, state = train.make_train_step(graphdef, state, part, step_cfg, mesh)
-        train.check_fits(step_fn, state, part, mesh)
+        step_fn, state = mesh_step.make_train_step(graphdef, state, part, step_cfg, mesh)
+        mesh_step.check_fits(step_fn, state, part, mesh)
         prepare = minibatch = reference = None
         if several:
-            prepare = train.make_prepare(graphdef, state, whole, step_cfg, mesh)
+            prepare = mesh_step.make_prepare(graphdef, state, whole, step_cfg, mesh)
             rows = B // cfg.minibatches
             minibatch = jax.jit(
                 lambda batch, m: jax.tree.map(
@@ -143,7 +154,7 @@ class Updates:
                 out_shardings=sharding.batch_sharding(mesh),
             )
         if kl:
-            reference = train.make_reference(
+            reference = mesh_step.make_reference(
                 graphdef, nnx.state(model, nnx.Param), whole, mesh, step_cfg
             )
         return Updates(step_fn, prepare, minibatch, reference), state
@@ -242,7 +253,7 @@ def _run(model, task, step_cfg, cfg: LoopConfig, run_dir, evaluation, config, al
         mesh = sharding.make_mesh(cfg.mesh)
         # Made sharded (no device holds the whole Adam state); the parameters are copied, since
         # the jitted step donates its state and the caller's `model` must stay usable.
-        graphdef, state = train.init_state_placed(
+        graphdef, state = state_init.init_state_placed(
             model, step_cfg, jax.random.PRNGKey(cfg.seed), mesh
         )
         updates, state = Updates.build(graphdef, state, model, step_cfg, cfg, mesh)

@@ -1,13 +1,13 @@
-"""Train state and the RL train step: capture -> credit -> loss -> grads -> update, one jit.
+"""The RL train step: capture -> credit -> loss -> grads -> update, one pure function.
 
 Dims: B sequences (prompt + response, prompt left-padded), T tokens, V vocab.
 
-`train_step(state, batch) -> (state, metrics)` is pure; `make_train_step` jits it once with
-explicit in/out shardings on the mesh and donated state. The captured attention comes from the
-same forward pass that computes the log-probs for the loss (no extra pass); it is under
-stop_gradient, so credit never receives gradient. With several optimisation epochs per rollout
-batch, run `prepare` once (old log-probs and credit from the pre-update policy) and pass its
-gamma in the batch.
+`train_step(state, batch) -> (state, metrics)` is pure; `mesh_step.make_train_step` jits it once
+with explicit in/out shardings on the mesh and donated state (`state_init` creates the state).
+The captured attention comes from the same forward pass that computes the log-probs for the loss
+(no extra pass); it is under stop_gradient, so credit never receives gradient. With several
+optimisation epochs per rollout batch, run `prepare` once (old log-probs and credit from the
+pre-update policy) and pass its gamma in the batch.
 """
 
 from __future__ import annotations
@@ -15,17 +15,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ftjax import checkpoint, masked, microbatch, rl, sharding
 from ftjax import credit as credit_lib
+from ftjax import masked, microbatch, rl
 from ftjax.capture import NONE, CaptureSpec
-from ftjax.checkpoint import Checkpointer
 from ftjax.models.transformer import check_attention_implementation, check_remat
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -164,77 +162,6 @@ def optimizer(
     )
 
 
-def init_state(model: nnx.Module, cfg: StepConfig, rng) -> tuple[nnx.GraphDef, TrainState]:
-    graphdef, params = nnx.split(model, nnx.Param)
-    state = TrainState(
-        params=params,
-        opt_state=optimizer(cfg.optim).init(params),
-        step=jnp.zeros((), jnp.int32),
-        rng=rng,
-        nonfinite_streak=jnp.zeros((), jnp.int32),
-    )
-    return graphdef, state
-
-
-def _traced_init(make_model, cfg: StepConfig):
-    """fn(rng) -> the TrainState of `init_state(make_model(nnx.Rngs(rng)), cfg, rng)`, for tracing
-    under jit / eval_shape; the graphdef (static) lands in the returned list when it is traced."""
-    graphdefs = []
-
-    def init(rng) -> TrainState:
-        graphdef, state = init_state(make_model(nnx.Rngs(rng)), cfg, rng)
-        graphdefs.append(graphdef)
-        return state
-
-    return init, graphdefs
-
-
-def abstract_state(
-    make_model, cfg: StepConfig, mesh: jax.sharding.Mesh
-) -> tuple[nnx.GraphDef, TrainState]:
-    """(graphdef, the train state as `jax.ShapeDtypeStruct`s carrying their `state_shardings`):
-    what `init_state_sharded` would make, without computing or allocating anything, to plan
-    (`jit(...).lower(state, batch)`) on any mesh. make_model(rngs) -> nnx.Module."""
-    init, graphdefs = _traced_init(make_model, cfg)
-    shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
-    placed = state_shardings(shapes, mesh)
-    like = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
-    return graphdefs[0], jax.tree.map(like, shapes, placed)
-
-
-def init_state_sharded(
-    make_model, cfg: StepConfig, rng, mesh: jax.sharding.Mesh
-) -> tuple[nnx.GraphDef, TrainState]:
-    """`init_state(make_model(nnx.Rngs(rng)), cfg, rng)` created already sharded: one jit whose
-    outputs have `state_shardings`, so each device computes and holds only its shard of the
-    parameters and Adam moments (a whole float32 state of an 8B model would not fit on one
-    device). Same values as the unsharded init (jax's random bits do not depend on sharding)."""
-    graphdef, like = abstract_state(make_model, cfg, mesh)
-    init, _ = _traced_init(make_model, cfg)
-    placed = jax.tree.map(lambda x: x.sharding, like)
-    return graphdef, jax.jit(init, out_shardings=placed)(rng)
-
-
-def init_state_placed(
-    model: nnx.Module, cfg: StepConfig, rng, mesh: jax.sharding.Mesh
-) -> tuple[nnx.GraphDef, TrainState]:
-    """`init_state(model, cfg, rng)` for a model that already has its weights (a loaded
-    checkpoint), made sharded: the parameters are placed FSDP-style first (nothing moves when
-    the loader placed them, `sharding.param_sharding_fn`), then one jit whose outputs have
-    `state_shardings` makes the Adam moments shard by shard and copies the parameters (the
-    train step donates its state; the caller's model stays usable). No device ever holds the
-    whole optimizer state."""
-    graphdef, params = nnx.split(model, nnx.Param)
-    params = jax.device_put(params, sharding.tree_shardings(params, mesh))
-
-    def build(params, rng) -> TrainState:
-        state = init_state(nnx.merge(graphdef, params), cfg, rng)[1]
-        return dataclasses.replace(state, params=jax.tree.map(jnp.copy, state.params))
-
-    placed = state_shardings(jax.eval_shape(build, params, rng), mesh)
-    return graphdef, jax.jit(build, out_shardings=placed)(params, rng)
-
-
 def policy_model(graphdef, params: nnx.State, cfg: StepConfig) -> nnx.Module:
     """The policy computing in `cfg.compute_dtype`: float parameters cast on the way in (the
     gradient flows back through the cast to the float32 master copy in the state)."""
@@ -307,7 +234,7 @@ def _capture_spec(cfg: StepConfig, batch: Batch) -> CaptureSpec:
     return cfg.capture if needs_attn and batch.gamma_BxT is None else NONE
 
 
-def _batch_shards(mesh: jax.sharding.Mesh | None) -> int:
+def batch_shards(mesh: jax.sharding.Mesh | None) -> int:
     return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
 
 
@@ -321,7 +248,7 @@ def _check_labels(cfg: StepConfig, batch: Batch) -> None:
         )
 
 
-def _check_credit_passes(cfg: StepConfig, batch: Batch, n: int) -> None:
+def check_credit_passes(cfg: StepConfig, batch: Batch, n: int) -> None:
     """A batch-level credit variant needs the whole batch in one pass, or gamma given; a variant
     that reads labels needs them."""
     _check_labels(cfg, batch)
@@ -379,9 +306,9 @@ def batch_grads(
         _, _, gamma_BxT = forward_credit(graphdef, params, batch, cfg, credit_rng, mesh)
         batch = dataclasses.replace(batch, gamma_BxT=gamma_BxT)
     spec = _capture_spec(cfg, batch)
-    shards = _batch_shards(mesh)
+    shards = batch_shards(mesh)
     n = microbatch.passes(batch.tokens_BxT.shape[0], cfg.micro_batch, shards)
-    _check_credit_passes(cfg, batch, n)
+    check_credit_passes(cfg, batch, n)
     weights_BxT = rl.token_weights(batch.response_mask_BxT, cfg.loss) if n > 1 else None
 
     def loss_fn(params, part):
@@ -488,7 +415,7 @@ def forward_credit(
     _check_labels(cfg, dataclasses.replace(batch, gamma_BxT=None))
     model = policy_model(graphdef, params, cfg)
     spec = cfg.capture if "attn_BxTxT" in credit_lib.get(cfg.credit.name).needs else NONE
-    shards = _batch_shards(mesh)
+    shards = batch_shards(mesh)
     n = microbatch.passes(batch.tokens_BxT.shape[0], cfg.micro_batch, shards)
     per_pass = n == 1 or credit_lib.get(cfg.credit.name).per_sequence
     if not per_pass and spec != NONE:
@@ -527,153 +454,3 @@ def prepare(
     return dataclasses.replace(
         batch, old_log_probs_BxT=jnp.where(batch.response_mask_BxT, logp, 0.0), gamma_BxT=gamma
     )
-
-
-def state_shardings(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
-    """Parameters and optimiser state FSDP-sharded, the scalars replicated."""
-    return TrainState(
-        params=sharding.tree_shardings(state.params, mesh),
-        opt_state=sharding.tree_shardings(state.opt_state, mesh),
-        step=sharding.replicated(mesh),
-        rng=sharding.replicated(mesh),
-        nonfinite_streak=sharding.replicated(mesh),
-    )
-
-
-def _batch_shardings(batch: Batch, mesh: jax.sharding.Mesh) -> Batch:
-    return jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch)
-
-
-def make_train_step(
-    graphdef, state: TrainState, batch: Batch, cfg: StepConfig, mesh: jax.sharding.Mesh
-):
-    """`train_step` jitted once for this mesh: state sharded FSDP-style and donated, batch over
-    (data, fsdp), metrics replicated. Returns (step_fn, state placed on the mesh)."""
-    sharding.check_batch(batch.tokens_BxT.shape[0], mesh)
-    n = microbatch.passes(batch.tokens_BxT.shape[0], cfg.micro_batch, _batch_shards(mesh))
-    _check_credit_passes(cfg, batch, n)
-    placed = state_shardings(state, mesh)
-    step_fn = jax.jit(
-        functools.partial(train_step, graphdef, cfg=cfg, mesh=mesh),
-        in_shardings=(placed, _batch_shardings(batch, mesh)),
-        out_shardings=(placed, sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
-    return step_fn, jax.device_put(state, placed)
-
-
-def planned_bytes(step_fn, state: TrainState, batch: Batch) -> int:
-    """Per-device bytes XLA plans for one step: arguments, outputs and temporaries, less what the
-    donated state lets it reuse."""
-    stats = step_fn.lower(state, batch).compile().memory_analysis()
-    return int(
-        stats.argument_size_in_bytes
-        + stats.output_size_in_bytes
-        + stats.temp_size_in_bytes
-        - stats.alias_size_in_bytes
-    )
-
-
-def device_memory_limit(mesh: jax.sharding.Mesh) -> int | None:
-    """Bytes one device of the mesh can hold, where the backend says (GPU, TPU); None on CPU."""
-    mine = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-    stats = mine[0].memory_stats()  # only this process's own devices answer
-    return None if not stats else stats.get("bytes_limit")
-
-
-def check_fits(step_fn, state: TrainState, batch: Batch, mesh: jax.sharding.Mesh) -> None:
-    """Refuse, before the first rollout, a step that cannot fit on the mesh's devices."""
-    limit = device_memory_limit(mesh)
-    if limit is None:
-        return
-    planned = planned_bytes(step_fn, state, batch)
-    if planned > limit:
-        raise ValueError(
-            f"the train step plans {planned / 2**30:.2f} GiB per device, over the device's "
-            f"{limit / 2**30:.2f} GiB: use fewer prompts per step or responses per prompt, "
-            "shorter prompts or responses, more minibatches, or a larger fsdp axis"
-        )
-
-
-def make_prepare(graphdef, state: TrainState, batch: Batch, cfg: StepConfig, mesh):
-    """`prepare` jitted for this mesh: fn(state, batch) -> batch with old log-probs and gamma
-    (state read, not donated). `batch` gives shapes (without gamma)."""
-    sharding.check_batch(batch.tokens_BxT.shape[0], mesh)
-    microbatch.passes(batch.tokens_BxT.shape[0], cfg.micro_batch, _batch_shards(mesh))
-    out = dataclasses.replace(batch, gamma_BxT=batch.old_log_probs_BxT)
-    return jax.jit(
-        functools.partial(prepare, graphdef, cfg=cfg, mesh=mesh),
-        in_shardings=(state_shardings(state, mesh), _batch_shardings(batch, mesh)),
-        out_shardings=_batch_shardings(out, mesh),
-    )
-
-
-def response_log_probs(
-    graphdef,
-    params: nnx.State,
-    batch: Batch,
-    cfg: StepConfig | None = None,
-    mesh: jax.sharding.Mesh | None = None,
-):
-    """log p(token_t | tokens_<t) of the batch's response tokens under `params` (0 elsewhere),
-    no capture, computed as the train step computes (dtype, micro-batch passes, logit chunks):
-    the KL reference's log-probs."""
-    cfg = StepConfig() if cfg is None else cfg
-    model = policy_model(graphdef, params, cfg)
-    shards = _batch_shards(mesh)
-    n = microbatch.passes(batch.tokens_BxT.shape[0], cfg.micro_batch, shards)
-
-    def one_pass(part):
-        return sequence_log_probs(
-            model, part, NONE, "none", cfg.logit_chunk, cfg.scan_layers, cfg.attention
-        )[0]
-
-    parts = microbatch.split(batch, n, shards, mesh)
-    logp_BxT = microbatch.merge(microbatch.forward(one_pass, parts, n), shards, mesh)
-    return jnp.where(batch.response_mask_BxT, logp_BxT, 0.0)
-
-
-def make_reference(graphdef, params: nnx.State, batch: Batch, mesh, cfg: StepConfig | None = None):
-    """The KL reference policy: a frozen copy of `params`, sharded like the policy's, and
-    fn(batch) -> ref_log_probs_BxT jitted for this mesh, computed as the step `cfg` computes."""
-    cfg = StepConfig() if cfg is None else cfg
-    microbatch.passes(batch.tokens_BxT.shape[0], cfg.micro_batch, _batch_shards(mesh))
-    placed = sharding.tree_shardings(params, mesh)
-    frozen = jax.device_put(jax.tree.map(jnp.copy, params), placed)
-    fn = jax.jit(
-        functools.partial(response_log_probs, graphdef, cfg=cfg, mesh=mesh),
-        in_shardings=(placed, _batch_shardings(batch, mesh)),
-        out_shardings=sharding.batch_sharding(mesh),
-    )
-    return lambda batch: fn(frozen, batch)
-
-
-def restore_policy(model: nnx.Module, checkpoint_dir) -> tuple[nnx.Module, int]:
-    """(`model` with the parameters of the latest checkpoint in `checkpoint_dir`, its step). The
-    checkpoint's record says what it holds: an RL run's whole train state (the optimiser's
-    structure does not depend on its settings, so the default config describes it) or a
-    warm-up's parameters alone."""
-    checkpoint_dir = pathlib.Path(checkpoint_dir)
-    if not checkpoint_dir.is_dir():
-        raise ValueError(f"no checkpoint directory {checkpoint_dir}")
-    checkpoints = Checkpointer(checkpoint_dir, keep=1)
-    try:
-        if checkpoints.latest_step() is None:
-            raise ValueError(f"no checkpoint in {checkpoint_dir}")
-        meta = checkpoints.meta()
-        kind = meta.get("kind")
-        if kind == checkpoint.TRAIN_STATE:
-            graphdef, like = init_state(model, StepConfig(), jax.random.PRNGKey(0))
-            state, _ = checkpoints.restore(like)
-            params = state.params
-        elif kind == checkpoint.PARAMS:
-            graphdef, like = nnx.split(model, nnx.Param)
-            params, _ = checkpoints.restore(like)
-        else:
-            raise ValueError(
-                f"checkpoint in {checkpoint_dir} records kind {kind!r}, not "
-                f"{checkpoint.TRAIN_STATE!r} or {checkpoint.PARAMS!r} (written by an older ftjax?)"
-            )
-    finally:
-        checkpoints.close()
-    return nnx.merge(graphdef, params), int(meta["step"])

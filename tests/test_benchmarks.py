@@ -17,7 +17,7 @@ from benchmarks import (
     bench_vs_tunix,
     plan_memory,
 )
-from ftjax import rollout, sharding, train
+from ftjax import mesh_step, rollout, sharding, state_init
 from ftjax.models import config, transformer
 
 
@@ -43,7 +43,7 @@ PLAN_ARGS = ["--prompt_len", "8", "--response_len", "8", "--rollouts", "16", "--
 
 def test_plan_memory_plans_what_make_train_step_plans(tmp_path):
     """The planner (abstract state and batch, nothing allocated) plans the very step that
-    `train.make_train_step` builds for a concrete state; over the limit it exits naming both."""
+    `mesh_step.make_train_step` builds for a concrete state; over the limit it exits naming both."""
     model_cfg = config.tiny("qwen3", vocab_size=256, num_layers=2)
     hf = {"model_type": "qwen3", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -62,10 +62,10 @@ def test_plan_memory_plans_what_make_train_step_plans(tmp_path):
     cfg = plan_memory.step_config(plan_memory.parse_args(argv))
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=8))
     model = transformer.Transformer(model_cfg, rngs=nnx.Rngs(0))
-    graphdef, state = train.init_state(model, cfg, jax.random.PRNGKey(0))
+    graphdef, state = state_init.init_state(model, cfg, jax.random.PRNGKey(0))
     batch = rollout.batch_like(16, 16)
-    step_fn, state = train.make_train_step(graphdef, state, batch, cfg, mesh)
-    assert train.planned_bytes(step_fn, state, batch) == record["total"]
+    step_fn, state = mesh_step.make_train_step(graphdef, state, batch, cfg, mesh)
+    assert mesh_step.planned_bytes(step_fn, state, batch) == record["total"]
     assert record["params"] == plan_memory.shard_bytes(state.params)
 
 

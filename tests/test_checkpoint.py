@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ftjax import train
+from ftjax import state_init, train
 from ftjax.checkpoint import Checkpointer
 from ftjax.models import config, transformer
 
 
 def make_state(seed=0):
     model = transformer.Transformer(config.tiny("llama"), rngs=nnx.Rngs(seed))
-    return train.init_state(model, train.StepConfig(), jax.random.PRNGKey(seed))[1]
+    return state_init.init_state(model, train.StepConfig(), jax.random.PRNGKey(seed))[1]
 
 
 def leaves(tree):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ftjax import completions, credit, evaluation, loop, sampling, sharding, train
+from ftjax import completions, credit, evaluation, loop, sampling, sharding, state_init, train
 from ftjax.models import config, transformer
 
 B, L, N = 8, 5, 7
@@ -43,7 +43,7 @@ def batch(seed=0) -> train.Batch:
 @pytest.mark.parametrize("micro_batch", [None, 2])
 def test_gamma_and_tau_are_the_steps_own(micro_batch):
     cfg = train.StepConfig(group_size=4, micro_batch=micro_batch)
-    graphdef, state = train.init_state(tiny_model(), cfg, jax.random.PRNGKey(3))
+    graphdef, state = state_init.init_state(tiny_model(), cfg, jax.random.PRNGKey(3))
     rollout = batch()
     gamma_BxT, tau_BxT = completions.credit_tokens(graphdef, state, rollout, cfg)
     prepared = train.prepare(graphdef, state, rollout, cfg)  # the step's gamma, several epochs
@@ -54,7 +54,7 @@ def test_gamma_and_tau_are_the_steps_own(micro_batch):
     assert np.all(np.asarray(gamma_BxT)[~np.asarray(rollout.response_mask_BxT)] == 0)
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2))  # 4 rows each: 2 passes of 2
     jitted = completions.make_credit_tokens(graphdef, state, rollout, cfg, mesh)
-    placed = jax.device_put(state, train.state_shardings(state, mesh))
+    placed = jax.device_put(state, state_init.state_shardings(state, mesh))
     again = jitted(placed, rollout)
     np.testing.assert_allclose(again[0], gamma_BxT, rtol=1e-6)
     np.testing.assert_allclose(again[1], tau_BxT, rtol=1e-4, atol=1e-6)
@@ -62,7 +62,7 @@ def test_gamma_and_tau_are_the_steps_own(micro_batch):
 
 def test_a_variant_without_attention_has_no_tau():
     cfg = train.StepConfig(group_size=4, credit=credit.CreditConfig(name="entropy"))
-    graphdef, state = train.init_state(tiny_model(), cfg, jax.random.PRNGKey(0))
+    graphdef, state = state_init.init_state(tiny_model(), cfg, jax.random.PRNGKey(0))
     rollout = batch()
     gamma_BxT, tau_BxT = completions.credit_tokens(graphdef, state, rollout, cfg)
     assert tau_BxT is None

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from experiments import causal_masking, common, credit_suite, evaluate, math_rl
-from ftjax import credit, overrides, sharding, train
+from ftjax import credit, mesh_step, overrides, sharding, state_init, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VARIANTS_DOC = REPO / "docs" / "credit_variants.md"
@@ -325,7 +325,7 @@ def test_the_guides_commands_parse_and_its_variant_trains(plugin):
     B, T = 8, 24
     model = common.build_policy(common.PolicyConfig(layers=3, hidden=32), seed=0)
     cfg = train.StepConfig(group_size=2, credit=credit.CreditConfig(name="flowtracer_mean1"))
-    graphdef, state = train.init_state(model, cfg, jax.random.key(0))
+    graphdef, state = state_init.init_state(model, cfg, jax.random.key(0))
     positions = np.arange(T)
     batch = train.Batch(
         tokens_BxT=jax.random.randint(jax.random.key(1), (B, T), 1, 20),
@@ -336,7 +336,7 @@ def test_the_guides_commands_parse_and_its_variant_trains(plugin):
         old_log_probs_BxT=jnp.zeros((B, T)),
     )
     mesh = sharding.make_mesh(sharding.MeshConfig())
-    step, state = train.make_train_step(graphdef, state, batch, cfg, mesh)
+    step, state = mesh_step.make_train_step(graphdef, state, batch, cfg, mesh)
     _, metrics = step(state, batch)
     assert np.isfinite(float(metrics["loss"]))
     # Equal-length responses, each with mean weight 1: the batch's mean weight is 1 too.

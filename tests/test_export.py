@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from experiments import export  # noqa: E402
-from ftjax import checkpoint, loop, train  # noqa: E402
+from ftjax import checkpoint, loop, state_init, train  # noqa: E402
 from ftjax.checkpoint import Checkpointer  # noqa: E402
 from ftjax.models import config, hf  # noqa: E402
 from ftjax.models.transformer import Transformer  # noqa: E402
@@ -61,7 +61,7 @@ def make_run(run_dir: pathlib.Path, model: Transformer, step: int = 3, config_js
     kind and the run's identity, and the run's config.json."""
     cfg = loop.LoopConfig(steps=step, prompts_per_step=2)
     identity = loop.identity(model, PromptsTask(), train.StepConfig(), cfg, config_json)
-    _, state = train.init_state(model, train.StepConfig(), jax.random.PRNGKey(0))
+    _, state = state_init.init_state(model, train.StepConfig(), jax.random.PRNGKey(0))
     ckpt = Checkpointer(run_dir / "checkpoints")
     meta = {"step": step, "kind": checkpoint.TRAIN_STATE, "identity": identity}
     ckpt.save(step, state, meta)
@@ -226,7 +226,7 @@ def test_a_math_rl_run_exports_with_its_starting_models_tokenizer(tmp_path):
     generation = json.loads((out / "generation_config.json").read_text())  # from the config's ids
     assert generation == {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
     start = pretrained.load(str(source)).model
-    trained, step = train.restore_policy(start, run_dir / "checkpoints")
+    trained, step = state_init.restore_policy(start, run_dir / "checkpoints")
     assert step == 1
     start = hf.to_hf_tensors(start)
     for name, array in hf.to_hf_tensors(trained).items():  # trained weights, not the starting ones

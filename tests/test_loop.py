@@ -11,7 +11,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ftjax import credit, loop, rl, rollout, rundir, sampling, sharding, train
+from ftjax import (
+    credit,
+    loop,
+    mesh_step,
+    rl,
+    rollout,
+    rundir,
+    sampling,
+    sharding,
+    state_init,
+    train,
+)
 from ftjax.logging import read_jsonl
 from ftjax.models import config, transformer
 from ftjax.tasks.chain import ChainConfig, ChainTask
@@ -237,14 +248,14 @@ def test_first_minibatch_update_equals_the_fused_step():
     generated = sampling.generate(model, prompt_BxL, valid_BxL, jax.random.PRNGKey(3), cfg.sampling)
     batch = rollout.rollout_batch(task, prompts, generated, prompt_BxL, valid_BxL, group_size=1)
 
-    graphdef, state = train.init_state(model, STEP, jax.random.PRNGKey(0))
+    graphdef, state = state_init.init_state(model, STEP, jax.random.PRNGKey(0))
     updates, placed = loop.Updates.build(graphdef, state, model, STEP, cfg, mesh)
     prepared = updates.prepare(placed, batch)
     after_prepared, prepared_metrics = updates.step(placed, updates.minibatch(prepared, 0))
 
     half = jax.tree.map(lambda x: x[: len(prompts) // 2], batch)
-    graphdef, state = train.init_state(fresh_model(), STEP, jax.random.PRNGKey(0))
-    fused_fn, fused_state = train.make_train_step(graphdef, state, half, STEP, mesh)
+    graphdef, state = state_init.init_state(fresh_model(), STEP, jax.random.PRNGKey(0))
+    fused_fn, fused_state = mesh_step.make_train_step(graphdef, state, half, STEP, mesh)
     after_fused, fused_metrics = fused_fn(fused_state, half)
     assert float(fused_metrics["grad_norm"]) > 1e-3  # rewards vary: the update is not empty
     # Old log-probs differ only by the sampler's vs the train forward's float32 rounding. On
@@ -390,7 +401,7 @@ def test_damaged_checkpoints_fall_back_to_the_newest_intact_one(tmp_path, capfd)
 
 def test_a_step_that_cannot_fit_is_refused_before_the_first_rollout(tmp_path, monkeypatch):
     """On a device that reports its memory (GPU, TPU), the planned step is compared with it."""
-    monkeypatch.setattr(train, "device_memory_limit", lambda mesh: 2**20)  # a 1 MiB device
+    monkeypatch.setattr(mesh_step, "device_memory_limit", lambda mesh: 2**20)  # a 1 MiB device
     with pytest.raises(ValueError, match=r"plans .* GiB per device, over the device's 0.00 GiB"):
         loop.run(fresh_model(), EchoTask(), STEP, loop_cfg(1), tmp_path)
     assert not (tmp_path / "metrics.jsonl").exists()
@@ -458,14 +469,14 @@ def test_rollout_labels_and_the_oracle_step():
 
     model = transformer.Transformer(config.tiny("llama", vocab_size=52), rngs=nnx.Rngs(0))
     mesh = sharding.make_mesh(sharding.MeshConfig())
-    graphdef, state = train.init_state(model, ORACLE_STEP, jax.random.PRNGKey(0))
-    step_fn, placed = train.make_train_step(graphdef, state, batch, ORACLE_STEP, mesh)
+    graphdef, state = state_init.init_state(model, ORACLE_STEP, jax.random.PRNGKey(0))
+    step_fn, placed = mesh_step.make_train_step(graphdef, state, batch, ORACLE_STEP, mesh)
     _, metrics = step_fn(placed, batch)
     assert float(metrics["credit/selected_fraction"]) == pytest.approx(share, rel=1e-6)
     assert float(metrics["credit/gamma_mean"]) == pytest.approx(1.0 + share, rel=1e-6)
     unlabelled = dataclasses.replace(batch, labels_BxT=None)
     with pytest.raises(ValueError, match=r"'oracle' reads ground-truth labels.*task must provide"):
-        train.make_train_step(graphdef, state, unlabelled, ORACLE_STEP, mesh)
+        mesh_step.make_train_step(graphdef, state, unlabelled, ORACLE_STEP, mesh)
 
 
 def test_rollout_labels_from_a_task_without_them_are_refused():

@@ -9,7 +9,7 @@ import pytest
 import reference_rl
 from flax import nnx
 
-from ftjax import credit, microbatch, rl, sharding, train
+from ftjax import credit, mesh_step, microbatch, rl, sharding, state_init, train
 from ftjax.models import config, transformer
 
 MODEL = config.tiny("llama")
@@ -33,9 +33,9 @@ def make_batch(B=16, T=20, seed=0):
 
 def step_once(step_cfg, batch, mesh_shape):
     model = transformer.Transformer(MODEL, rngs=nnx.Rngs(0))
-    graphdef, state = train.init_state(model, step_cfg, jax.random.PRNGKey(0))
+    graphdef, state = state_init.init_state(model, step_cfg, jax.random.PRNGKey(0))
     mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape))
-    step_fn, state = train.make_train_step(graphdef, state, batch, step_cfg, mesh)
+    step_fn, state = mesh_step.make_train_step(graphdef, state, batch, step_cfg, mesh)
     state, metrics = step_fn(state, batch)
     return state, {k: float(v) for k, v in metrics.items()}
 
@@ -150,9 +150,9 @@ def test_prepare_and_reference_in_passes_equal_one_pass():
     for name in ("flowtracer", "entropy_select"):  # per sequence, and ranked across the batch
         for micro in (None, 1):
             cfg = cfg_for("token-mean", micro, name)
-            graphdef, state = train.init_state(model, cfg, jax.random.PRNGKey(0))
-            prepare = train.make_prepare(graphdef, state, batch, cfg, mesh)
-            reference = train.make_reference(graphdef, state.params, batch, mesh, cfg)
+            graphdef, state = state_init.init_state(model, cfg, jax.random.PRNGKey(0))
+            prepare = mesh_step.make_prepare(graphdef, state, batch, cfg, mesh)
+            reference = mesh_step.make_reference(graphdef, state.params, batch, mesh, cfg)
             prepared = prepare(state, batch)
             outs[name, micro] = (prepared.old_log_probs_BxT, prepared.gamma_BxT, reference(batch))
         for got, want in zip(outs[name, 1], outs[name, None], strict=True):
@@ -174,20 +174,20 @@ def test_bad_micro_batches_are_refused_before_compile():
         with pytest.raises(ValueError, match=message):
             train.StepConfig(**bad)
     cfg = cfg_for("token-mean", micro_batch=3)  # 2 rows per device
-    graphdef, state = train.init_state(model, cfg, jax.random.PRNGKey(0))
+    graphdef, state = state_init.init_state(model, cfg, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="micro_batch 3 does not divide the 2 rows"):
-        train.make_train_step(graphdef, state, batch, cfg, mesh)
+        mesh_step.make_train_step(graphdef, state, batch, cfg, mesh)
     with pytest.raises(ValueError, match="micro_batch 3 does not divide"):
-        train.make_prepare(graphdef, state, batch, cfg, mesh)
+        mesh_step.make_prepare(graphdef, state, batch, cfg, mesh)
     cfg = cfg_for("token-mean", micro_batch=1, name="entropy_select")
     with pytest.raises(ValueError, match="'entropy_select' ranks across the whole batch"):
-        train.make_train_step(graphdef, state, batch, cfg, mesh)
+        mesh_step.make_train_step(graphdef, state, batch, cfg, mesh)
 
 
 def grads_on_mesh(cfg, batch, shape):
     """train.batch_grads jitted on a mesh: (grads, (logp, entropy, gamma))."""
     model = transformer.Transformer(MODEL, rngs=nnx.Rngs(0))
-    graphdef, state = train.init_state(model, cfg, jax.random.PRNGKey(0))
+    graphdef, state = state_init.init_state(model, cfg, jax.random.PRNGKey(0))
     mesh = sharding.make_mesh(sharding.MeshConfig(*shape))
     adv = rl.group_advantages(batch.rewards_B, cfg.group_size)
     fn = jax.jit(

@@ -30,14 +30,14 @@ jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processe
 import numpy as np
 from flax import nnx
 from tests.test_train import CFG, MODEL, make_batch
-from ftjax import sharding, train
+from ftjax import mesh_step, sharding, state_init
 from ftjax.models import transformer
 
 full = make_batch()
 mesh = sharding.make_mesh(sharding.MeshConfig(8, 1))
-graphdef, state = train.init_state(transformer.Transformer(MODEL, rngs=nnx.Rngs(0)), CFG,
-                                   jax.random.PRNGKey(0))
-step_fn, state = train.make_train_step(graphdef, state, full, CFG, mesh)
+graphdef, state = state_init.init_state(transformer.Transformer(MODEL, rngs=nnx.Rngs(0)), CFG,
+                                        jax.random.PRNGKey(0))
+step_fn, state = mesh_step.make_train_step(graphdef, state, full, CFG, mesh)
 rows = full.tokens_BxT.shape[0] // jax.process_count()
 mine = jax.tree.map(lambda x: np.asarray(x)[pid * rows:(pid + 1) * rows], full)
 batch = sharding.global_batch(mine, mesh)

@@ -1,12 +1,12 @@
-"""Train state created already sharded (`train.init_state_sharded`) and as sharded shapes
-(`train.abstract_state`), on the 8 fake CPU devices of conftest."""
+"""Train state created already sharded (`state_init.init_state_sharded`) and as sharded shapes
+(`state_init.abstract_state`), on the 8 fake CPU devices of conftest."""
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from ftjax import sharding, train
+from ftjax import sharding, state_init, train
 from ftjax.models import config
 from ftjax.models.transformer import Transformer
 
@@ -24,9 +24,9 @@ def fsdp_mesh():
 
 def test_sharded_init_equals_the_placed_unsharded_init():
     mesh, rng = fsdp_mesh(), jax.random.PRNGKey(3)
-    graphdef, state = train.init_state_sharded(make_model, CFG, rng, mesh)
-    ref_graphdef, ref = train.init_state(make_model(nnx.Rngs(rng)), CFG, rng)
-    ref = jax.device_put(ref, train.state_shardings(ref, mesh))
+    graphdef, state = state_init.init_state_sharded(make_model, CFG, rng, mesh)
+    ref_graphdef, ref = state_init.init_state(make_model(nnx.Rngs(rng)), CFG, rng)
+    ref = jax.device_put(ref, state_init.state_shardings(ref, mesh))
     assert graphdef == ref_graphdef
     assert jax.tree.structure(state) == jax.tree.structure(ref)
     paths = jax.tree_util.tree_leaves_with_path(state)
@@ -45,16 +45,18 @@ def test_sharded_init_equals_the_placed_unsharded_init():
 
 def test_sharded_init_equals_the_unsharded_jit_exactly():
     mesh, rng = fsdp_mesh(), jax.random.PRNGKey(5)
-    _, state = train.init_state_sharded(make_model, CFG, rng, mesh)
-    unsharded = jax.jit(lambda key: train.init_state(make_model(nnx.Rngs(key)), CFG, key)[1])
+    _, state = state_init.init_state_sharded(make_model, CFG, rng, mesh)
+    unsharded = jax.jit(lambda key: state_init.init_state(make_model(nnx.Rngs(key)), CFG, key)[1])
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(unsharded(rng)), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_abstract_state_carries_shapes_and_shardings_without_allocating():
     mesh = fsdp_mesh()
-    graphdef, like = train.abstract_state(make_model, CFG, mesh)
-    state_graphdef, state = train.init_state_sharded(make_model, CFG, jax.random.PRNGKey(0), mesh)
+    graphdef, like = state_init.abstract_state(make_model, CFG, mesh)
+    state_graphdef, state = state_init.init_state_sharded(
+        make_model, CFG, jax.random.PRNGKey(0), mesh
+    )
     assert graphdef == state_graphdef
     for a, b in zip(jax.tree.leaves(like), jax.tree.leaves(state), strict=True):
         assert isinstance(a, jax.ShapeDtypeStruct)
@@ -65,9 +67,9 @@ def test_each_device_holds_only_its_shard():
     """The init's compiled outputs per device are the state's per-device shards: about 1/8 of it
     (small replicated leaves aside), and its temporaries are no larger."""
     mesh = fsdp_mesh()
-    _, like = train.abstract_state(make_model, CFG, mesh)
+    _, like = state_init.abstract_state(make_model, CFG, mesh)
     placed = jax.tree.map(lambda x: x.sharding, like)
-    init = jax.jit(lambda key: train.init_state(make_model(nnx.Rngs(key)), CFG, key)[1],
+    init = jax.jit(lambda key: state_init.init_state(make_model(nnx.Rngs(key)), CFG, key)[1],
                    out_shardings=placed)
     stats = init.lower(jax.random.PRNGKey(0)).compile().memory_analysis()
     whole = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(like))
@@ -89,10 +91,10 @@ def test_a_loaded_model_gets_its_state_placed_and_stays_usable():
     loaded = make_model(nnx.Rngs(11))  # weights from elsewhere, not from this init's rng
     tokens = np.arange(12, dtype=np.int32).reshape(2, 6) % MODEL.vocab_size
     before = np.asarray(loaded(tokens).logits_BxTxV)
-    graphdef, state = train.init_state_placed(loaded, CFG, rng, mesh)
-    ref_graphdef, ref = train.init_state(make_model(nnx.Rngs(11)), CFG, rng)
+    graphdef, state = state_init.init_state_placed(loaded, CFG, rng, mesh)
+    ref_graphdef, ref = state_init.init_state(make_model(nnx.Rngs(11)), CFG, rng)
     assert graphdef == ref_graphdef
-    want = train.state_shardings(ref, mesh)
+    want = state_init.state_shardings(ref, mesh)
     for got, value, placed in zip(
         jax.tree.leaves(state), jax.tree.leaves(ref), jax.tree.leaves(want), strict=True
     ):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ftjax import credit, rl, sharding, train
+from ftjax import credit, mesh_step, rl, sharding, state_init, train
 from ftjax.models import config, transformer
 
 B, T = 8, 24
@@ -34,9 +34,9 @@ def make_batch(seed=0, rewards=None):
 
 def run_steps(mesh_cfg, step_cfg, batch, steps=2):
     model = transformer.Transformer(MODEL, rngs=nnx.Rngs(0))
-    graphdef, state = train.init_state(model, step_cfg, jax.random.PRNGKey(0))
+    graphdef, state = state_init.init_state(model, step_cfg, jax.random.PRNGKey(0))
     mesh = sharding.make_mesh(mesh_cfg)
-    step_fn, state = train.make_train_step(graphdef, state, batch, step_cfg, mesh)
+    step_fn, state = mesh_step.make_train_step(graphdef, state, batch, step_cfg, mesh)
     history = []
     for _ in range(steps):
         state, metrics = step_fn(state, batch)
@@ -109,9 +109,9 @@ def test_one_uniform_step_moves_log_probs_towards_the_rewarded_responses():
     before_BxT, _, _ = train.sequence_log_probs(model, batch, train.NONE)
     response_BxT = batch.response_mask_BxT
     batch = dataclasses.replace(batch, old_log_probs_BxT=jnp.where(response_BxT, before_BxT, 0.0))
-    graphdef, state = train.init_state(model, cfg, jax.random.PRNGKey(0))
+    graphdef, state = state_init.init_state(model, cfg, jax.random.PRNGKey(0))
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=1))
-    step_fn, state = train.make_train_step(graphdef, state, batch, cfg, mesh)
+    step_fn, state = mesh_step.make_train_step(graphdef, state, batch, cfg, mesh)
     state, _ = step_fn(state, batch)
     after_BxT, _, _ = train.sequence_log_probs(
         train.policy_model(graphdef, state.params, cfg), batch, train.NONE
@@ -151,10 +151,10 @@ def test_nonfinite_step_is_skipped_and_counted():
 
 def test_batch_not_divisible_by_mesh_is_rejected_before_compile():
     model = transformer.Transformer(MODEL, rngs=nnx.Rngs(0))
-    graphdef, state = train.init_state(model, CFG, jax.random.PRNGKey(0))
+    graphdef, state = state_init.init_state(model, CFG, jax.random.PRNGKey(0))
     batch = jax.tree.map(lambda x: x[:6], make_batch())
     with pytest.raises(ValueError, match="divisible"):
-        train.make_train_step(
+        mesh_step.make_train_step(
             graphdef, state, batch, CFG, sharding.make_mesh(sharding.MeshConfig(8, 1))
         )
 
@@ -169,15 +169,15 @@ def test_mesh_larger_than_devices_is_rejected():
 def test_prepared_batch_reuses_credit_across_epochs():
     batch = make_batch()
     model = transformer.Transformer(MODEL, rngs=nnx.Rngs(0))
-    graphdef, state = train.init_state(model, CFG, jax.random.PRNGKey(0))
+    graphdef, state = state_init.init_state(model, CFG, jax.random.PRNGKey(0))
     prepared = jax.jit(train.prepare, static_argnums=(0, 3))(graphdef, state, batch, CFG)
     fused_batch = dataclasses.replace(prepared, gamma_BxT=None)
     mesh = sharding.make_mesh(sharding.MeshConfig(1, 1))
-    fused_fn, fused_state = train.make_train_step(graphdef, state, fused_batch, CFG, mesh)
+    fused_fn, fused_state = mesh_step.make_train_step(graphdef, state, fused_batch, CFG, mesh)
     _, fused = fused_fn(fused_state, fused_batch)
     model = transformer.Transformer(MODEL, rngs=nnx.Rngs(0))
-    graphdef, state = train.init_state(model, CFG, jax.random.PRNGKey(0))
-    step_fn, state = train.make_train_step(graphdef, state, prepared, CFG, mesh)
+    graphdef, state = state_init.init_state(model, CFG, jax.random.PRNGKey(0))
+    step_fn, state = mesh_step.make_train_step(graphdef, state, prepared, CFG, mesh)
     state, first = step_fn(state, prepared)
     # Epoch 1 is on-policy: ratios are 1 and the precomputed credit is what the fused step computes.
     assert float(first["ratio_mean"]) == pytest.approx(1.0, abs=1e-5)
@@ -196,14 +196,14 @@ def test_kl_term_against_the_initial_policy_matches_float64():
     batch = make_batch()
     cfg = dataclasses.replace(CFG, loss=rl.LossConfig(kl_coef=0.1))
     initial = transformer.Transformer(MODEL, rngs=nnx.Rngs(0))
-    graphdef, state = train.init_state(initial, cfg, jax.random.PRNGKey(0))
+    graphdef, state = state_init.init_state(initial, cfg, jax.random.PRNGKey(0))
     noise = np.random.default_rng(1)
     moved = jax.tree.map(
         lambda x: x + 0.3 * jnp.asarray(noise.standard_normal(x.shape), x.dtype), state.params
     )
     state = dataclasses.replace(state, params=moved)
     mesh = sharding.make_mesh(sharding.MeshConfig(1, 1))
-    reference = train.make_reference(graphdef, nnx.state(initial, nnx.Param), batch, mesh)
+    reference = mesh_step.make_reference(graphdef, nnx.state(initial, nnx.Param), batch, mesh)
     batch = dataclasses.replace(batch, ref_log_probs_BxT=reference(batch))
     tokens = np.asarray(batch.tokens_BxT)
     valid = np.asarray(batch.prompt_mask_BxT | batch.response_mask_BxT)
@@ -215,7 +215,8 @@ def test_kl_term_against_the_initial_policy_matches_float64():
         return np.pad(logp, ((0, 0), (1, 0)))
 
     policy_BxT, initial_BxT = float64_log_probs(moved), float64_log_probs(state_params(initial))
-    step_fn, placed = train.make_train_step(graphdef, state, batch, cfg, mesh)  # donates `moved`
+    # donates `moved`
+    step_fn, placed = mesh_step.make_train_step(graphdef, state, batch, cfg, mesh)
     _, metrics = step_fn(placed, batch)
     kl_BxT = np.vectorize(lambda p, r: reference_rl.kl_token(p, r, "k3"))(policy_BxT, initial_BxT)
     want = reference_rl.aggregate(kl_BxT, response, "token-mean")
@@ -235,10 +236,10 @@ def test_nonfinite_update_is_skipped_and_named():
     object.__setattr__(optim, "lr", float("inf"))
     cfg = dataclasses.replace(CFG, optim=optim)
     model = transformer.Transformer(MODEL, rngs=nnx.Rngs(0))
-    graphdef, state = train.init_state(model, cfg, jax.random.PRNGKey(0))
+    graphdef, state = state_init.init_state(model, cfg, jax.random.PRNGKey(0))
     before = as_numpy(state.params)
     mesh = sharding.make_mesh(sharding.MeshConfig(1, 1))
-    step_fn, state = train.make_train_step(graphdef, state, make_batch(), cfg, mesh)
+    step_fn, state = mesh_step.make_train_step(graphdef, state, make_batch(), cfg, mesh)
     state, metrics = step_fn(state, make_batch())
     assert float(metrics["skipped_nonfinite"]) == 1.0
     assert float(metrics["nonfinite/update"]) == 1.0 and float(metrics["nonfinite/loss"]) == 0.0
