@@ -46,7 +46,8 @@ two seeds solve the task. The oracle gate at it failed again (experiments/RESULT
 RL at lr 1e-4 lowers accuracy, and credit on the queried chain's statements lowers it more.
 The RL rate is now 3e-5, chosen with uniform credit alone: on 1024 held-out prompts uniform RL
 at 3e-5 raises sampled accuracy (seed 0: 0.568 -> 0.619 in 40 steps, 0.664 in 200) and leaves
-greedy accuracy flat (0.693 -> 0.691), where 1e-4 lowers it (0.646). Held-out accuracy is read
+greedy accuracy flat (0.693 -> 0.691), where 1e-4 lowers it (0.646); over the 8 seeds it
+raises sampled accuracy on 2 of them (the gate at 3e-5 in RESULTS). Held-out accuracy is read
 on 1024 prompts (128 gave a binomial SE of 0.04, larger than the effects). A warm-up takes
 about 8 min on 2 quiet cores.
 """
