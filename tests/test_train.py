@@ -254,6 +254,7 @@ def test_nonfinite_update_is_skipped_and_named():
         (lambda: train.OptimConfig(lr=float("inf")), "lr must be finite"),
         (lambda: train.OptimConfig(lr=float("nan")), "lr must be finite"),
         (lambda: train.OptimConfig(grad_clip=float("nan")), "grad_clip must be finite"),
+        (lambda: train.OptimConfig(eps=0.0), "eps must be finite and > 0"),
         (lambda: train.OptimConfig(weight_decay=float("inf")), "weight_decay"),
         (lambda: train.OptimConfig(b2=1.0), "b2"),
         (lambda: train.OptimConfig(max_nonfinite_steps=0), "max_nonfinite_steps"),
@@ -275,3 +276,13 @@ def test_command_line_refuses_non_finite_floats():
             overrides.apply(train.StepConfig(), ["--optim.lr", text])
     no_scaling = ["--group_size", "1", "--loss.scale_advantages", "false"]
     assert overrides.apply(train.StepConfig(), no_scaling).group_size == 1
+
+
+@pytest.mark.parametrize(("eps", "want"), [(1e-8, -1.0), (0.5, -0.5)])
+def test_adam_epsilon_reaches_the_update(eps, want):
+    # Adam's first step, bias-corrected: -lr * g / (|g| + eps); g = 0.5, lr = 1, by hand.
+    opt = train.optimizer(train.OptimConfig(lr=1.0, eps=eps))
+    grads = {"w": jnp.array([0.5])}
+    updates, _ = opt.update(grads, opt.init(grads), grads)
+    # rtol 1e-4: float32 bias correction and sqrt round at ~1e-5; the two eps differ by 2x.
+    np.testing.assert_allclose(np.asarray(updates["w"]), [want], rtol=1e-4)
