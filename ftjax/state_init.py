@@ -15,16 +15,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ftjax import checkpoint, sharding
+from ftjax import checkpoint, sharding, train
 from ftjax.checkpoint import Checkpointer
-from ftjax.train import StepConfig, TrainState, optimizer
 
 
-def init_state(model: nnx.Module, cfg: StepConfig, rng) -> tuple[nnx.GraphDef, TrainState]:
+def init_state(
+    model: nnx.Module, cfg: train.StepConfig, rng
+) -> tuple[nnx.GraphDef, train.TrainState]:
     graphdef, params = nnx.split(model, nnx.Param)
-    state = TrainState(
+    state = train.TrainState(
         params=params,
-        opt_state=optimizer(cfg.optim).init(params),
+        opt_state=train.optimizer(cfg.optim).init(params),
         step=jnp.zeros((), jnp.int32),
         rng=rng,
         nonfinite_streak=jnp.zeros((), jnp.int32),
@@ -32,12 +33,12 @@ def init_state(model: nnx.Module, cfg: StepConfig, rng) -> tuple[nnx.GraphDef, T
     return graphdef, state
 
 
-def _traced_init(make_model, cfg: StepConfig):
+def _traced_init(make_model, cfg: train.StepConfig):
     """fn(rng) -> the TrainState of `init_state(make_model(nnx.Rngs(rng)), cfg, rng)`, for tracing
     under jit / eval_shape; the graphdef (static) lands in the returned list when it is traced."""
     graphdefs = []
 
-    def init(rng) -> TrainState:
+    def init(rng) -> train.TrainState:
         graphdef, state = init_state(make_model(nnx.Rngs(rng)), cfg, rng)
         graphdefs.append(graphdef)
         return state
@@ -45,9 +46,9 @@ def _traced_init(make_model, cfg: StepConfig):
     return init, graphdefs
 
 
-def state_shardings(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
+def state_shardings(state: train.TrainState, mesh: jax.sharding.Mesh) -> train.TrainState:
     """Parameters and optimiser state FSDP-sharded, the scalars replicated."""
-    return TrainState(
+    return train.TrainState(
         params=sharding.tree_shardings(state.params, mesh),
         opt_state=sharding.tree_shardings(state.opt_state, mesh),
         step=sharding.replicated(mesh),
@@ -57,8 +58,8 @@ def state_shardings(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
 
 
 def abstract_state(
-    make_model, cfg: StepConfig, mesh: jax.sharding.Mesh
-) -> tuple[nnx.GraphDef, TrainState]:
+    make_model, cfg: train.StepConfig, mesh: jax.sharding.Mesh
+) -> tuple[nnx.GraphDef, train.TrainState]:
     """(graphdef, the train state as `jax.ShapeDtypeStruct`s carrying their `state_shardings`):
     what `init_state_sharded` would make, without computing or allocating anything, to plan
     (`jit(...).lower(state, batch)`) on any mesh. make_model(rngs) -> nnx.Module."""
@@ -70,8 +71,8 @@ def abstract_state(
 
 
 def init_state_sharded(
-    make_model, cfg: StepConfig, rng, mesh: jax.sharding.Mesh
-) -> tuple[nnx.GraphDef, TrainState]:
+    make_model, cfg: train.StepConfig, rng, mesh: jax.sharding.Mesh
+) -> tuple[nnx.GraphDef, train.TrainState]:
     """`init_state(make_model(nnx.Rngs(rng)), cfg, rng)` created already sharded: one jit whose
     outputs have `state_shardings`, so each device computes and holds only its shard of the
     parameters and Adam moments (a whole float32 state of an 8B model would not fit on one
@@ -83,8 +84,8 @@ def init_state_sharded(
 
 
 def init_state_placed(
-    model: nnx.Module, cfg: StepConfig, rng, mesh: jax.sharding.Mesh
-) -> tuple[nnx.GraphDef, TrainState]:
+    model: nnx.Module, cfg: train.StepConfig, rng, mesh: jax.sharding.Mesh
+) -> tuple[nnx.GraphDef, train.TrainState]:
     """`init_state(model, cfg, rng)` for a model that already has its weights (a loaded
     checkpoint), made sharded: the parameters are placed FSDP-style first (nothing moves when
     the loader placed them, `sharding.param_sharding_fn`), then one jit whose outputs have
@@ -94,7 +95,7 @@ def init_state_placed(
     graphdef, params = nnx.split(model, nnx.Param)
     params = jax.device_put(params, sharding.tree_shardings(params, mesh))
 
-    def build(params, rng) -> TrainState:
+    def build(params, rng) -> train.TrainState:
         state = init_state(nnx.merge(graphdef, params), cfg, rng)[1]
         return dataclasses.replace(state, params=jax.tree.map(jnp.copy, state.params))
 
@@ -117,7 +118,7 @@ def restore_policy(model: nnx.Module, checkpoint_dir) -> tuple[nnx.Module, int]:
         meta = checkpoints.meta()
         kind = meta.get("kind")
         if kind == checkpoint.TRAIN_STATE:
-            graphdef, like = init_state(model, StepConfig(), jax.random.PRNGKey(0))
+            graphdef, like = init_state(model, train.StepConfig(), jax.random.PRNGKey(0))
             state, _ = checkpoints.restore(like)
             params = state.params
         elif kind == checkpoint.PARAMS:
