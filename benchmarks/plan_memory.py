@@ -132,11 +132,14 @@ def step_config(args: argparse.Namespace) -> train.StepConfig:
     )
 
 
-def abstract_batch(rows: int, tokens: int, mesh: jax.sharding.Mesh) -> train.Batch:
-    """The rollout batch (no KL reference, no precomputed gamma) as sharded shapes."""
+def abstract_batch(
+    rows: int, tokens: int, mesh: jax.sharding.Mesh, prompt_len: int = 0
+) -> train.Batch:
+    """The rollout batch (no KL reference, no precomputed gamma; `prompt_len` prompt slots) as
+    sharded shapes."""
     spec = sharding.batch_sharding(mesh)
     like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=spec)  # noqa: E731
-    return jax.tree.map(like, rollout.batch_like(rows, tokens))
+    return jax.tree.map(like, rollout.batch_like(rows, tokens, response_start=prompt_len))
 
 
 def jit_train_step(graphdef, state, batch: train.Batch, cfg: train.StepConfig, mesh):
@@ -240,7 +243,7 @@ def plan_setting(args: argparse.Namespace) -> tuple[Plan, dict]:
     graphdef, state = state_init.abstract_state(
         lambda rngs: Transformer(model_cfg, rngs=rngs), cfg, mesh
     )
-    batch = abstract_batch(args.rollouts, tokens, mesh)
+    batch = abstract_batch(args.rollouts, tokens, mesh, args.prompt_len)
     setting = {
         "model": args.model, "T": tokens, "rollouts": args.rollouts, "mesh": args.mesh,
         "micro_batch": args.micro_batch, "remat": args.remat, "dtype": args.dtype,

@@ -39,13 +39,12 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import re
-import string
 import sys
 
 import jax
 import numpy as np
 
-from experiments import common, gemma_tokens
+from experiments import common, gemma_tokens, synthetic_math
 from experiments.common import redecode
 from ftjax import capture, evaluation, flow, overrides, rollout, sampling
 from ftjax.models import pretrained
@@ -112,18 +111,10 @@ class Answered:
 
 
 def problem(index: int, seed: int) -> tuple[str, int]:
-    """A question like `m = 3. n = 6. k = n + 1. What is k?` and its answer."""
-    rng = np.random.default_rng([seed, index])
-    names = [str(c) for c in rng.choice(list(string.ascii_lowercase), 3, replace=False)]
-    values = [int(v) for v in rng.integers(1, 10, 2)]
-    parent = int(rng.integers(2))
-    op, constant = ("+", "-")[int(rng.integers(2))], int(rng.integers(1, 5))
-    if op == "-" and values[parent] <= constant:
-        op = "+"
-    answer = values[parent] + constant if op == "+" else values[parent] - constant
-    lines = [f"{names[0]} = {values[0]}.", f"{names[1]} = {values[1]}."]
-    lines.append(f"{names[2]} = {names[parent]} {op} {constant}.")
-    return " ".join(lines) + f" What is {names[2]}?\n", answer
+    """A question like `m = 3. n = 6. k = n + 1. What is k?` (a newline after it) and its answer:
+    `synthetic_math.variables_problem`, the same questions math RL can train on."""
+    question, _, answer = synthetic_math.variables_problem(index, seed)
+    return question + "\n", answer
 
 
 def answered(tok, question: str, truth: int, prompt_P, valid_P, response) -> Answered | None:

@@ -1,11 +1,15 @@
 """Small GSM8K-layout files of arithmetic word problems, to try math RL without a download.
 
     python -m experiments.synthetic_math [--out data/arith] [--train 512] [--test 64] [--seed 0]
+    python -m experiments.synthetic_math --kind variables --out data/variables
 
 Writes `train.jsonl` and `test.jsonl` under --out, one `{"question": ..., "answer": ...}` per line,
 the answer a worked solution ending in `#### <number>` as GSM8K's are, so `--data.preset gsm8k`
-reads them. The two files come from disjoint index ranges of one seeded generator. A problem is
-two or three steps of +, - or x on numbers below 20, phrased in a few fixed story patterns.
+reads them. The two files come from disjoint index ranges of one seeded generator. Kinds:
+- story: two or three steps of +, - or x on numbers below 20, phrased in a few fixed story
+  patterns;
+- variables: `m = 3. n = 6. k = n + 1. What is k?`, solved as `k = n + 1 = 6 + 1 = 7`: the
+  questions of `experiments.gemma_causal`, which Gemma-3-270M answers about half right few-shot.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import string
 import sys
 
 import numpy as np
@@ -52,19 +57,46 @@ def problem(index: int, seed: int) -> tuple[str, str, int]:
     return question, "\n".join(steps), count
 
 
-def rows(start: int, count: int, seed: int) -> list[dict[str, str]]:
+def variables_problem(index: int, seed: int) -> tuple[str, str, int]:
+    """(question, worked solution, answer) of problem `index`: two variables with values 1-9 and a
+    third defined as one of them plus or minus 1-4 (minus only while the result stays >= 1)."""
+    rng = np.random.default_rng([seed, index])
+    names = [str(c) for c in rng.choice(list(string.ascii_lowercase), 3, replace=False)]
+    values = [int(v) for v in rng.integers(1, 10, 2)]
+    parent = int(rng.integers(2))
+    op, constant = ("+", "-")[int(rng.integers(2))], int(rng.integers(1, 5))
+    if op == "-" and values[parent] <= constant:
+        op = "+"
+    answer = values[parent] + constant if op == "+" else values[parent] - constant
+    lines = [f"{names[0]} = {values[0]}.", f"{names[1]} = {values[1]}."]
+    lines.append(f"{names[2]} = {names[parent]} {op} {constant}.")
+    question = " ".join(lines) + f" What is {names[2]}?"
+    formula = f"{op} {constant}"
+    worked = f"{names[2]} = {names[parent]} {formula} = {values[parent]} {formula} = {answer}"
+    return question, worked, answer
+
+
+KINDS = {"story": problem, "variables": variables_problem}
+
+
+def rows(start: int, count: int, seed: int, kind: str = "story") -> list[dict[str, str]]:
+    if kind not in KINDS:
+        raise ValueError(f"unknown problem kind {kind!r}; known: {sorted(KINDS)}")
     out = []
     for index in range(start, start + count):
-        question, worked, answer = problem(index, seed)
+        question, worked, answer = KINDS[kind](index, seed)
         out.append({"question": question, "answer": f"{worked}\n#### {answer}"})
     return out
 
 
-def write(out: pathlib.Path, train: int, test: int, seed: int) -> tuple[pathlib.Path, pathlib.Path]:
+def write(
+    out: pathlib.Path, train: int, test: int, seed: int, kind: str = "story"
+) -> tuple[pathlib.Path, pathlib.Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = out / "train.jsonl", out / "test.jsonl"
     for path, (start, count) in zip(paths, ((0, train), (TEST_START, test)), strict=True):
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows(start, count, seed)))
+        lines = (json.dumps(row) + "\n" for row in rows(start, count, seed, kind))
+        path.write_text("".join(lines))
     return paths
 
 
@@ -74,10 +106,11 @@ def main(argv: list[str]) -> tuple[pathlib.Path, pathlib.Path]:
     parser.add_argument("--train", type=int, default=512)
     parser.add_argument("--test", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kind", choices=sorted(KINDS), default="story")
     args = parser.parse_args(argv)
     if args.train < 1 or args.test < 1:
         raise ValueError(f"--train and --test must be >= 1, got {args.train} and {args.test}")
-    paths = write(pathlib.Path(args.out), args.train, args.test, args.seed)
+    paths = write(pathlib.Path(args.out), args.train, args.test, args.seed, args.kind)
     print(f"wrote {args.train} problems to {paths[0]} and {args.test} to {paths[1]}")
     return paths
 

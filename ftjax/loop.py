@@ -137,9 +137,10 @@ class Updates:
         several = cfg.epochs * cfg.minibatches > 1
         kl = step_cfg.loss.kl_coef > 0
         labels = train.needs_labels(step_cfg)
-        whole = rollout.batch_like(B, T, reference=kl, labels=labels)
+        P = cfg.prompt_len
+        whole = rollout.batch_like(B, T, reference=kl, labels=labels, response_start=P)
         part = rollout.batch_like(
-            B // cfg.minibatches, T, reference=kl, gamma=several, labels=labels
+            B // cfg.minibatches, T, reference=kl, gamma=several, labels=labels, response_start=P
         )
         step_fn, state = mesh_step.make_train_step(graphdef, state, part, step_cfg, mesh)
         mesh_step.check_fits(step_fn, state, part, mesh)
@@ -307,6 +308,7 @@ def _train(task, step_cfg, cfg, run_dir, evaluation, checkpoints, placed: _Place
             cfg.prompt_len + cfg.sampling.max_new_tokens,
             reference=updates.reference is not None,
             labels=train.needs_labels(step_cfg),
+            response_start=cfg.prompt_len,
         )
         probe = completions.make_credit_tokens(graphdef, state, shapes, step_cfg, mesh)
     history = {}

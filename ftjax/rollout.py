@@ -153,15 +153,22 @@ def rollout_batch(
             )
         ),
         labels_BxT=jnp.asarray(np.concatenate([pad, labels_BxN], axis=1)) if labels else None,
+        response_start=prompt_BxL.shape[1],
     )
 
 
 def batch_like(
-    batch_size: int, tokens: int, reference: bool = False, gamma: bool = False, labels: bool = False
+    batch_size: int,
+    tokens: int,
+    reference: bool = False,
+    gamma: bool = False,
+    labels: bool = False,
+    response_start: int = 0,
 ) -> train.Batch:
     """Shapes and dtypes of a rollout batch (with reference log-probs, precomputed gamma and
-    ground-truth labels when asked): the train step is placed on the mesh (and the state with
-    it) before the first rollout, which samples from the placed parameters."""
+    ground-truth labels when asked; `response_start`: the prompt slots, as `rollout_batch` sets
+    it): the train step is placed on the mesh (and the state with it) before the first rollout,
+    which samples from the placed parameters."""
     mask = jax.ShapeDtypeStruct((batch_size, tokens), jnp.bool_)
     per_token = jax.ShapeDtypeStruct((batch_size, tokens), jnp.float32)
     return train.Batch(
@@ -174,6 +181,7 @@ def batch_like(
         ref_log_probs_BxT=per_token if reference else None,
         gamma_BxT=per_token if gamma else None,
         labels_BxT=mask if labels else None,
+        response_start=response_start,
     )
 
 

@@ -126,7 +126,9 @@ class TrainState:
 class Batch:
     """One rollout batch. log-probs are per token, log p(token_t | tokens_<t), 0 off-response.
     labels_BxT: the task's ground-truth essential tokens, present only for a credit variant that
-    declares "labels_BxT" (`needs_labels`)."""
+    declares "labels_BxT" (`needs_labels`). response_start (static): no response token lies in a
+    column before it (the rollout's prompt slots), so log-probs and entropies are computed from
+    that column on and are 0 before it; 0 computes them everywhere."""
 
     tokens_BxT: jax.Array
     prompt_mask_BxT: jax.Array
@@ -137,6 +139,7 @@ class Batch:
     ref_log_probs_BxT: jax.Array | None = None
     gamma_BxT: jax.Array | None = None
     labels_BxT: jax.Array | None = None
+    response_start: int = dataclasses.field(default=0, metadata=dict(static=True))
 
 
 def needs_labels(cfg: StepConfig) -> bool:
@@ -184,6 +187,8 @@ def sequence_log_probs(
     """Per-token log-probs and entropies (float32) of the batch's own tokens, and the captured
     map. With `logit_chunk`, no B x T x V logits exist: they are made and dropped that many
     tokens at a time, and recomputed in the backward pass (`rl.chunked_next_token_log_probs`).
+    Logits are made only for the columns from `batch.response_start` on (0 before it): with
+    long few-shot prompts most of the vocabulary projection would otherwise go to prompt tokens.
     `remat`, `scan_layers` and `attention` are the model's (`Transformer.__call__`)."""
     valid_BxT = batch.prompt_mask_BxT | batch.response_mask_BxT
     kw = dict(
@@ -193,15 +198,22 @@ def sequence_log_probs(
         scan_layers=scan_layers,
         attention=attention,
     )
-    if logit_chunk is None:
+    # The hidden state of column s - 1 predicts column s: scoring starts one column earlier.
+    first = max(batch.response_start - 1, 0)
+    if logit_chunk is None and first == 0:
         out = model(batch.tokens_BxT, **kw)
         logp, entropy = rl.next_token_log_probs(out.logits_BxTxV, batch.tokens_BxT)
+        return logp, entropy, out.attn_BxTxS
+    out = model(batch.tokens_BxT, logits=False, **kw)
+    hidden_BxSxE, tokens_BxS = out.hidden_BxTxE[:, first:], batch.tokens_BxT[:, first:]
+    if logit_chunk is None:
+        logp, entropy = rl.next_token_log_probs(model.unembed(hidden_BxSxE), tokens_BxS)
     else:
-        out = model(batch.tokens_BxT, logits=False, **kw)
         logp, entropy = rl.chunked_next_token_log_probs(
-            out.hidden_BxTxE, batch.tokens_BxT, model.unembed, logit_chunk
+            hidden_BxSxE, tokens_BxS, model.unembed, logit_chunk
         )
-    return logp, entropy, out.attn_BxTxS
+    before = ((0, 0), (first, 0))
+    return jnp.pad(logp, before), jnp.pad(entropy, before), out.attn_BxTxS
 
 
 def credit_inputs(

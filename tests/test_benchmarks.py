@@ -63,7 +63,7 @@ def test_plan_memory_plans_what_make_train_step_plans(tmp_path):
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=8))
     model = transformer.Transformer(model_cfg, rngs=nnx.Rngs(0))
     graphdef, state = state_init.init_state(model, cfg, jax.random.PRNGKey(0))
-    batch = rollout.batch_like(16, 16)
+    batch = rollout.batch_like(16, 16, response_start=8)  # the loop's: prompt_len 8
     step_fn, state = mesh_step.make_train_step(graphdef, state, batch, cfg, mesh)
     assert mesh_step.planned_bytes(step_fn, state, batch) == record["total"]
     assert record["params"] == plan_memory.shard_bytes(state.params)

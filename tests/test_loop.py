@@ -247,6 +247,8 @@ def test_first_minibatch_update_equals_the_fused_step():
     prompt_BxL, valid_BxL = rollout.left_pad(prompts, cfg.prompt_len, 0)
     generated = sampling.generate(model, prompt_BxL, valid_BxL, jax.random.PRNGKey(3), cfg.sampling)
     batch = rollout.rollout_batch(task, prompts, generated, prompt_BxL, valid_BxL, group_size=1)
+    assert batch.response_start == cfg.prompt_len  # log-probs are made from there on
+    assert not np.asarray(batch.response_mask_BxT)[:, : cfg.prompt_len].any()
 
     graphdef, state = state_init.init_state(model, STEP, jax.random.PRNGKey(0))
     updates, placed = loop.Updates.build(graphdef, state, model, STEP, cfg, mesh)

@@ -8,7 +8,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from experiments import evaluate, math_rl, synthetic_math, tiny_model
+from experiments import evaluate, gemma_causal, math_rl, synthetic_math, tiny_model
 from ftjax import credit, evaluation, rollout
 from ftjax.logging import read_jsonl
 from ftjax.models import pretrained
@@ -176,6 +176,37 @@ def test_synthetic_answers_follow_the_story():
             elif "triples" in words:
                 count *= 3
         assert count == answer, question
+
+
+def test_variables_problems_read_back_and_their_answers_follow_the_definitions(tmp_path):
+    """An independent reading of each `variables` question: evaluate the definitions in order."""
+    assert synthetic_math.variables_problem(0, 0) == (
+        "p = 1. n = 1. u = p + 4. What is u?",
+        "u = p + 4 = 1 + 4 = 5",
+        5,
+    )
+    for i in range(300):
+        question, worked, answer = synthetic_math.variables_problem(i, 1)
+        *definitions, asked = question.split(". ")
+        env = {}
+        for d in definitions:
+            name, expression = d.split(" = ")
+            parts = expression.split()  # "7" or "n + 1"
+            if len(parts) == 1:
+                env[name] = int(parts[0])
+            else:
+                sign = {"+": 1, "-": -1}[parts[1]]
+                env[name] = env[parts[0]] + sign * int(parts[2])
+        assert env[asked.split()[-1].rstrip("?")] == answer >= 1, question
+        assert worked.endswith(f"= {answer}") and worked.startswith(asked.split()[-1].rstrip("?"))
+    train_path, _ = synthetic_math.write(tmp_path, 12, 4, seed=1, kind="variables")
+    got, problems = data.load(data.DataConfig(str(train_path), preset="gsm8k"))
+    assert not problems and [e.prompt for e in got] == [
+        synthetic_math.variables_problem(i, 1)[0] for i in range(12)
+    ]
+    assert gemma_causal.problem(5, 1) == (got[5].prompt + "\n", int(got[5].answer))
+    with pytest.raises(ValueError, match="unknown problem kind"):
+        synthetic_math.rows(0, 1, 0, kind="stories")
 
 
 # A tiny random HF Llama with a BPE tokenizer trained on the synthetic problems: the whole real
@@ -357,9 +388,7 @@ def test_math_rl_trains_a_user_variant_from_plugins(tiny_setup, tmp_path):
         (["--data.path", "data.csv"], r"\.csv"),
     ],
 )
-def test_configs_that_can_never_work_are_refused_before_any_model_load(
-    flags, message, monkeypatch
-):
+def test_configs_that_can_never_work_are_refused_before_any_model_load(flags, message, monkeypatch):
     def no_load(*args, **kwargs):
         raise AssertionError("a model was loaded before the config was refused")
 

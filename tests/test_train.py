@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ftjax import credit, mesh_step, rl, sharding, state_init, train
+from ftjax import capture, credit, mesh_step, rl, sharding, state_init, train
 from ftjax.models import config, transformer
 
 B, T = 8, 24
@@ -286,3 +286,25 @@ def test_adam_epsilon_reaches_the_update(eps, want):
     updates, _ = opt.update(grads, opt.init(grads), grads)
     # rtol 1e-4: float32 bias correction and sqrt round at ~1e-5; the two eps differ by 2x.
     np.testing.assert_allclose(np.asarray(updates["w"]), [want], rtol=1e-4)
+
+
+@pytest.mark.parametrize("logit_chunk", [None, 4])
+def test_log_probs_from_the_response_start_equal_the_full_computation(logit_chunk):
+    """A batch that says where its responses start (column 8 here, `rollout_batch` sets its
+    prompt slots) gets the log-probs and entropies of the full computation from that column on
+    and 0 before it; the step's update is the same."""
+    model = transformer.Transformer(MODEL, rngs=nnx.Rngs(0))
+    full, late = make_batch(), dataclasses.replace(make_batch(), response_start=8)
+    want = train.sequence_log_probs(model, full, capture.NONE)
+    got = train.sequence_log_probs(model, late, capture.NONE, logit_chunk=logit_chunk)
+    for g, w in zip(got[:2], want[:2], strict=True):
+        g, w = np.asarray(g), np.asarray(w)
+        assert np.all(g[:, :8] == 0.0) and np.abs(w[:, 8:]).min() > 0
+        np.testing.assert_allclose(g[:, 8:], w[:, 8:], rtol=1e-6, atol=1e-6)
+    cfg = dataclasses.replace(CFG, logit_chunk=logit_chunk)
+    want_state, want_history, _ = run_steps(sharding.MeshConfig(1, 1), cfg, full, steps=1)
+    state, history, _ = run_steps(sharding.MeshConfig(1, 1), cfg, late, steps=1)
+    for key in want_history[0]:
+        np.testing.assert_allclose(history[0][key], want_history[0][key], rtol=1e-5, err_msg=key)
+    for g, w in zip(as_numpy(state.params), as_numpy(want_state.params), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
