@@ -12,6 +12,7 @@ from flax import nnx
 from benchmarks import (
     bench_capture,
     bench_flow,
+    bench_response_start,
     bench_step,
     bench_vs_trl,
     bench_vs_tunix,
@@ -39,6 +40,13 @@ def test_bench_capture_and_step_run():
 PLAN_ARGS = ["--prompt_len", "8", "--response_len", "8", "--rollouts", "16", "--group_size", "4",
              "--mesh", "1x8", "--micro_batch", "1", "--remat", "full", "--dtype", "bfloat16",
              "--logit_chunk", "8"]
+
+
+def test_bench_response_start_runs(capsys):
+    argv = ["--prompt_len", "8", "--response_len", "4", "--vocab", "64", "--repeats", "1"]
+    times = bench_response_start.main(argv)
+    assert len(times) == 2 and min(times) > 0
+    assert "ratio now / before" in capsys.readouterr().out
 
 
 def test_plan_memory_plans_what_make_train_step_plans(tmp_path):
