@@ -16,10 +16,9 @@ import argparse
 import dataclasses
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from benchmarks import bench_step
 from benchmarks.common import (
     compiled_bytes,
     environment_line,
@@ -31,20 +30,10 @@ from ftjax.models import transformer
 
 
 def make_batch(batch: int, prompt_len: int, response_len: int, vocab: int) -> train.Batch:
-    """Prompt slots then response slots, as `rollout.rollout_batch` lays them out (its
-    response_start is the prompt slots)."""
-    rng = np.random.default_rng(0)
-    T = prompt_len + response_len
-    tokens = rng.integers(1, vocab, (batch, T)).astype(np.int32)
-    prompt = np.zeros((batch, T), bool)
-    prompt[:, :prompt_len] = True
-    response = ~prompt
-    answer = np.zeros((batch, T), bool)
-    answer[:, T - 4 : T - 1] = True
-    rewards = (np.arange(batch) % 2).astype(np.float32)
-    old = np.where(response, -5.0, 0.0).astype(np.float32)
-    arrays = (tokens, prompt, response, answer, rewards, old)
-    return train.Batch(*(jnp.asarray(x) for x in arrays), response_start=prompt_len)
+    """`bench_step`'s batch with `prompt_len` prompt columns, saying where its responses start
+    (as `rollout.rollout_batch` does: the prompt slots)."""
+    full = bench_step.make_batch(batch, prompt_len + response_len, vocab, prompt_len)
+    return dataclasses.replace(full, response_start=prompt_len)
 
 
 def main(argv: list[str] | None = None) -> list[float]:

@@ -23,9 +23,10 @@ from ftjax import credit, mesh_step, sharding, state_init, train
 from ftjax.models import transformer
 
 
-def make_batch(batch: int, length: int, vocab: int) -> train.Batch:
+def make_batch(batch: int, length: int, vocab: int, prompt_len: int | None = None) -> train.Batch:
+    """Prompt columns (`prompt_len`, default a quarter of `length`) then response columns."""
     rng = np.random.default_rng(0)
-    prompt_len = length // 4
+    prompt_len = length // 4 if prompt_len is None else prompt_len
     tokens = rng.integers(1, vocab, (batch, length)).astype(np.int32)
     prompt = np.zeros((batch, length), bool)
     prompt[:, :prompt_len] = True
