@@ -77,8 +77,9 @@ def kind_accuracy(right_BxT, kinds_BxT) -> dict[str, float | None]:
 
 
 def teacher_forced_skill(model, task, count: int, prompt_len: int) -> dict[str, float | None]:
-    """`kind_accuracy` of the policy's argmax on `count` held-out solver traces."""
-    pairs = task.demonstrations(common.EVAL_START, count)
+    """`kind_accuracy` of the policy's argmax on `count` held-out solver traces (the right
+    ones, also when the warm-up imitated a flawed teacher)."""
+    pairs = task.demonstrations(common.EVAL_START, count, flawed=False)
     prompt_BxP, valid_BxP = rollout.left_pad([p for p, _ in pairs], prompt_len, task.pad_id)
     R = max(len(r) for _, r in pairs)
     response_BxR = np.full((len(pairs), R), task.pad_id, np.int32)

@@ -68,7 +68,7 @@ from flax import nnx
 from experiments import branches_analysis, branches_skill, common
 from experiments.common import mean_se, show
 from ftjax import credit, evaluation, loop, rl, rollout, sft, train
-from ftjax.tasks.branches import BranchesConfig, BranchesTask
+from ftjax.tasks.branches import BranchesConfig, BranchesTask, max_lengths
 
 STAGES = ("warmup", "analysis", "gate", "arms", "control")
 GATE_ARMS = ("uniform", "oracle", "oracle_answer")
@@ -147,13 +147,8 @@ class StudyConfig:
 
     def lengths(self) -> tuple[int, int]:
         """(prompt slots, response slots): the longest prompt and solver response (+ 4) of the
-        task, from its shape: root `a=N=?;`, link `c=a+N=?;`, statements `a=N=N;`, `c=a+N=N;`
-        (`c=a+N=N+N=N;` when links substitute)."""
-        t, digits = self.task, len(str(self.task.modulus - 1))
-        roots, links = t.chains, t.chains * (t.chain_length - 1)
-        prompt = 1 + roots * (5 + digits) + links * (7 + digits) + 2  # <bos> ... ?q
-        link = 6 + 2 * digits + (2 + 2 * digits) * t.substitute
-        response = roots * (4 + 2 * digits) + links * link + 1 + digits + 1
+        worksheet task (`branches.max_lengths`), unless given."""
+        prompt, response = max_lengths(self.task)
         return self.prompt_len or prompt, self.max_new_tokens or response + 4
 
 

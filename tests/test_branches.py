@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from ftjax import tasks
+from ftjax.tasks import branches
 from ftjax.tasks.branches import BranchesConfig, BranchesTask, Role, chain_index
 from ftjax.tasks.chain import Definition, Problem, dependency_chain, values
 from ftjax.tasks.vocab import BOS, EOS, PAD, VOCAB
@@ -304,6 +305,43 @@ def test_no_prompt_number_predicts_the_answer(chains, chain_length):
         check(numbers, f"queried chain depth {depth}")
 
 
+def test_slipped_links_are_worked_out_with_plus_downstream_too():
+    # HAND's e = b - 9: worked out as b + 9 = 16 when it slips; f's chain is untouched.
+    sub = BranchesTask(BranchesConfig(chains=3, chain_length=2, modulus=10, substitute=True))
+    assert values(HAND, 10, frozenset({"e"}))["e"] == 6
+    assert sub.response_text(HAND) == "a=4=4;b=7=7;c=a+3=4+3=7;d=1=1;e=b-9=7-9=8;f=d+5=1+5=6;>8"
+    assert (
+        sub.response_text(HAND, frozenset({"e"}))
+        == "a=4=4;b=7=7;c=a+3=4+3=7;d=1=1;e=b-9=7-9=6;f=d+5=1+5=6;>6"
+    )
+
+
+@pytest.mark.parametrize("chain_length", [2, 3])
+def test_slip_rate_and_what_it_leaves_alone(chain_length):
+    cfg = BranchesConfig(chains=3, chain_length=chain_length, modulus=5, substitute=True)
+    right, flawed = BranchesTask(cfg), BranchesTask(BranchesConfig(**{**vars(cfg), "slip": 0.6}))
+    n = 400
+    demos, truth = flawed.demonstrations(0, n), right.demonstrations(0, n)
+    assert flawed.demonstrations(0, n, flawed=False) == truth
+    assert flawed.prompts(0, n) == right.prompts(0, n)  # prompts and problems unchanged
+    minus = slipped = 0
+    for i, ((prompt, response), (prompt_r, response_r)) in enumerate(zip(demos, truth)):
+        assert prompt == prompt_r
+        problem = flawed.problem(i)
+        links = flawed.slipped_links(problem, i)
+        minus += sum(d.parent is not None and d.op == "-" for d in problem.definitions)
+        slipped += len(links)
+        assert all(problem.definitions[ord(x) - ord("a")].op == "-" for x in links)
+        assert response[:-1] == VOCAB.encode(right.response_text(problem, links))
+        # the verifier judges the true value: a slip that changes the answer scores 0
+        answer_changed = VOCAB.decode(response).split(">")[1] != VOCAB.decode(
+            response_r
+        ).split(">")[1]
+        assert flawed.score(prompt, response)[0] == (0.0 if answer_changed else 1.0)
+    # 0.6 of the `-` links slip, within 4 binomial standard errors
+    assert abs(slipped / minus - 0.6) < 4 * np.sqrt(0.24 / minus)
+
+
 def test_registered():
     task = tasks.make("branches")
     assert isinstance(task, BranchesTask) and task.name == "branches"
@@ -321,6 +359,8 @@ def test_registered():
         (dict(ops=("/",)), "ops"),
         (dict(ops=()), "ops"),
         (dict(ops=("+", "+")), "ops"),
+        (dict(slip=-0.1), "slip"),
+        (dict(slip=1.5), "slip"),
     ],
 )
 def test_bad_config(kwargs, field):
@@ -333,3 +373,36 @@ def test_bad_prompt():
         TASK.score([BOS, *VOCAB.encode("1,2,3:6")], ids(">6"))
     with pytest.raises(ValueError, match="missing variable"):
         TASK.labels([BOS, *VOCAB.encode("a=b+1=?;?a")], ids(">6"))
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        BranchesConfig(chains=3, chain_length=2, modulus=5, substitute=True),
+        BranchesConfig(chains=2, chain_length=4, modulus=100),
+        BranchesConfig(chains=4, chain_length=3, modulus=10, substitute=True, answer_only=True),
+    ],
+)
+def test_max_lengths_bound_every_problem_and_are_reached(cfg):
+    task = BranchesTask(cfg)
+    pairs = task.demonstrations(0, 300, flawed=False)
+    prompt_len, response_len = branches.max_lengths(cfg)
+    assert max(len(p) for p, _ in pairs) <= prompt_len
+    assert max(len(r) for _, r in pairs) <= response_len
+    # reached when every number has the most digits: constants m - 1 and `+` keep the values
+    # at m - 1, m - 2, ... (as wide as m - 1 for these moduli)
+    widest = Problem(
+        tuple(
+            Definition(
+                "abcdefghijklmnopqrstuvwxyz"[i],
+                cfg.modulus - 1,
+                None if i < cfg.chains else "abcdefghijklmnopqrstuvwxyz"[i - cfg.chains],
+            )
+            for i in range(cfg.chains * cfg.chain_length)
+        ),
+        query="abcdefghijklmnopqrstuvwxyz"[cfg.chains * cfg.chain_length - 1],
+    )
+    prompt = [BOS, *VOCAB.encode(task.prompt_text(widest))]
+    response = [*VOCAB.encode(task.response_text(widest)), EOS]
+    assert len(prompt) == prompt_len
+    assert len(response) == response_len

@@ -22,6 +22,13 @@ the answer never equal the root when L = 2). With `*` in `ops` this guarantee do
 
 `answer_only` is the control format: demonstrations are `>value<eos>`, no worksheet.
 
+`slip` makes the demonstrations a flawed teacher's: each `-` link of a trace is worked out as
+`+` with probability `slip` (drawn per link from the problem's index; the trace still writes
+`-`, and every later value and the answer follow the slipped value). Prompts, the verifier and
+the labels are unchanged, so a warm-up that imitates the teacher learns a systematic error that
+the reward can correct: with slip > 1/2 its greedy answer is wrong on a queried `-` link, while
+sampling finds the right value about 1 - slip of the time.
+
 Ground truth per response token (positions are tokens; nothing after <eos> is labelled):
 `labels` marks well-formed statements of the queried chain's variables, `value_labels` only their
 value digits (after the statement's last `=`), `chain_ids` gives each well-formed statement's chain
@@ -81,6 +88,7 @@ class BranchesConfig:
     ops: tuple[str, ...] = ("+", "-")  # operators of the links; `*` breaks the uniform answer
     answer_only: bool = False  # control: demonstrations are `>value<eos>` with no statements
     substitute: bool = False  # links write the parent's value first: `c=a+3=4+3=7;`
+    slip: float = 0.0  # demonstrations only: share of `-` links the teacher works out as `+`
     seed: int = 0
 
     def __post_init__(self):
@@ -95,12 +103,26 @@ class BranchesConfig:
             )
         if not 2 <= self.modulus <= 1000:
             raise ValueError(f"BranchesConfig.modulus must be in [2, 1000], got {self.modulus}")
+        if not 0.0 <= self.slip <= 1.0:
+            raise ValueError(f"BranchesConfig.slip must be in [0, 1], got {self.slip}")
         ops = tuple(self.ops)
         if not ops or len(set(ops)) != len(ops) or any(op not in OPS for op in ops):
             raise ValueError(
                 f"BranchesConfig.ops must be a non-empty subset of {OPS} without repeats, "
                 f"got {self.ops}"
             )
+
+
+def max_lengths(cfg: BranchesConfig) -> tuple[int, int]:
+    """(prompt ids with <bos>, solver response ids with <eos>) of the longest problem `cfg` makes,
+    from its shape: root `a=N=?;`, link `c=a+N=?;`, query `?c`; statements `a=N=N;`, `c=a+N=N;`
+    (`c=a+N=N+N=N;` when links substitute), answer `>N<eos>`."""
+    digits = len(str(cfg.modulus - 1))
+    roots, links = cfg.chains, cfg.chains * (cfg.chain_length - 1)
+    prompt = 1 + roots * (5 + digits) + links * (7 + digits) + 2
+    link = 6 + 2 * digits + (2 + 2 * digits) * cfg.substitute
+    response = roots * (4 + 2 * digits) + links * link + 1 + digits + 1
+    return prompt, (1 + digits + 1) if cfg.answer_only else response
 
 
 def chain_index(problem: Problem) -> dict[str, int]:
@@ -165,9 +187,10 @@ class BranchesTask:
     def prompt_text(self, problem: Problem) -> str:
         return "".join(f"{d.text()}=?;" for d in problem.definitions) + f"?{problem.query}"
 
-    def response_text(self, problem: Problem) -> str:
-        """The solver's response (without <eos>); just `>value` when `answer_only`."""
-        value = values(problem, self.cfg.modulus)
+    def response_text(self, problem: Problem, slipped: frozenset[str] = frozenset()) -> str:
+        """The solver's response (without <eos>); just `>value` when `answer_only`. The links
+        named in `slipped` are worked out with `+` whatever their operator (see `slip`)."""
+        value = values(problem, self.cfg.modulus, slipped)
         answer = f">{value[problem.query]}"
         if self.cfg.answer_only:
             return answer
@@ -178,19 +201,32 @@ class BranchesTask:
             return f"{d.text()}={value[d.name]};"
         return f"{d.text()}={value[d.parent]}{d.op}{d.constant}={value[d.name]};"
 
+    def slipped_links(self, problem: Problem, index: int) -> frozenset[str]:
+        """The `-` links the teacher works out as `+` in demonstration `index` (see `slip`)."""
+        if self.cfg.slip == 0.0:
+            return frozenset()
+        rng = np.random.default_rng([self.cfg.seed, index, 1])
+        minus = [d.name for d in problem.definitions if d.parent is not None and d.op == "-"]
+        return frozenset(name for name in minus if rng.random() < self.cfg.slip)
+
     def prompts(self, start: int, count: int) -> list[list[int]]:
         return [
             [BOS, *VOCAB.encode(self.prompt_text(self.problem(i)))]
             for i in range(start, start + count)
         ]
 
-    def demonstrations(self, start: int, count: int) -> list[tuple[list[int], list[int]]]:
-        """(prompt ids, solver response ids + <eos>) for problems start, ..., start + count - 1."""
+    def demonstrations(
+        self, start: int, count: int, flawed: bool = True
+    ) -> list[tuple[list[int], list[int]]]:
+        """(prompt ids, solver response ids + <eos>) for problems start, ..., start + count - 1:
+        the flawed teacher's responses when `slip` > 0, unless `flawed` is False."""
         pairs = []
         for i in range(start, start + count):
             problem = self.problem(i)
             prompt = [BOS, *VOCAB.encode(self.prompt_text(problem))]
-            pairs.append((prompt, [*VOCAB.encode(self.response_text(problem)), EOS]))
+            slipped = self.slipped_links(problem, i) if flawed else frozenset()
+            response = self.response_text(problem, slipped)
+            pairs.append((prompt, [*VOCAB.encode(response), EOS]))
         return pairs
 
     def parse_prompt(self, prompt: list[int]) -> Problem:

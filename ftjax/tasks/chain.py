@@ -113,13 +113,16 @@ def evaluation_order(problem: Problem) -> list[Definition]:
     return order
 
 
-def values(problem: Problem, modulus: int) -> dict[str, int]:
+def values(problem: Problem, modulus: int, as_plus: frozenset[str] = frozenset()) -> dict[str, int]:
+    """Every variable's value; the links named in `as_plus` are worked out with `+` whatever
+    their operator (a flawed teacher's slip, `branches.BranchesConfig.slip`)."""
     result = {}
     for d in evaluation_order(problem):
         if d.parent is None:
             result[d.name] = d.constant % modulus
         else:
-            result[d.name] = _apply(result[d.parent], d.op, d.constant, modulus)
+            op = "+" if d.name in as_plus else d.op
+            result[d.name] = _apply(result[d.parent], op, d.constant, modulus)
     return result
 
 
