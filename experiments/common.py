@@ -1,5 +1,6 @@
-"""Pieces the experiments share: the tiny policy and the chain RL setting, warm-up with a
-checkpoint, RL runs, evaluation, restoring a quickstart run, and the causal-masking helpers.
+"""Pieces the experiments share: the tiny policy, the quickstart's and the chain task's RL
+settings, warm-up with a checkpoint, RL runs, evaluation, restoring a quickstart run, and the
+causal-masking helpers.
 
 Dims: B responses, T tokens (prompt slots + response slots).
 
@@ -35,6 +36,7 @@ from ftjax.checkpoint import Checkpointer
 from ftjax.logging import MetricsLogger, read_jsonl
 from ftjax.models import config as model_config
 from ftjax.models.transformer import Transformer
+from ftjax.tasks.branches import BranchesConfig, BranchesTask, max_lengths
 from ftjax.tasks.chain import ChainConfig, ChainTask
 from ftjax.tasks.vocab import EOS, PAD, VOCAB
 
@@ -85,9 +87,10 @@ def build_policy(cfg: PolicyConfig, seed: int) -> Transformer:
 
 
 @dataclasses.dataclass(frozen=True)
-class QuickstartConfig:
-    """The quickstart's setting: chain task, tiny policy, warm-up, then RL per credit variant
-    (also the base setting of the credit suite and what the causal checks read back)."""
+class ChainSetting:
+    """The chain task's RL setting (the first quickstart's, until 2026-12-03): tiny policy,
+    warm-up, then RL per credit variant. The credit suite's base setting; quickstart runs made
+    before the switch to the branches task are read back with it."""
 
     out: str = "runs/quickstart"  # run directory: metrics, checkpoints, summary, plots
     seed: int = 0  # task problems, parameter init and sampling
@@ -109,14 +112,82 @@ class QuickstartConfig:
     progress: bool = True  # progress bars on stderr
 
     def __post_init__(self):
-        for field in ("rl_steps", "eval_prompts", "precision_responses"):
-            if getattr(self, field) < 1:
+        _check_counts(self)
+
+    def lengths(self) -> tuple[int, int]:
+        """(prompt slots, response slots)."""
+        return self.prompt_len, self.max_new_tokens
+
+
+# The quickstart's task: two chains of a root and one link (one queried, one dead end), mod 5,
+# links that substitute their parent's value, taught by a teacher who works out 60% of the `-`
+# links as `+` (experiments/RESULTS.md, "Dead-end branches with a flawed teacher").
+QUICKSTART_TASK = BranchesConfig(chains=2, chain_length=2, modulus=5, substitute=True, slip=0.6)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuickstartConfig:
+    """The quickstart's setting: dead-end branches with a flawed teacher, tiny policy, warm-up
+    (restored from the one shipped in experiments/assets when the settings are its own), then
+    RL per credit variant from it."""
+
+    out: str = "runs/quickstart"  # run directory: metrics, checkpoints, summary, plots
+    seed: int = 0  # task problems, parameter init and sampling
+    task: BranchesConfig = QUICKSTART_TASK
+    policy: PolicyConfig = PolicyConfig(layers=4, hidden=128, heads=4)
+    warmup: sft.SFTConfig = sft.SFTConfig(steps=600, batch_size=32, lr=1e-3, warmup_steps=60)
+    # Train the warm-up even when the shipped one (experiments/assets) has these settings
+    fresh_warmup: bool = False
+    # Write the warm-up's parameters to this .safetensors file and stop (how the shipped one is
+    # made: `--fresh_warmup true --save_warmup experiments/assets/quickstart_warmup.safetensors`)
+    save_warmup: str | None = None
+    credits: tuple[str, ...] = ("uniform", "flowtracer")  # one RL run from the warm-up each
+    plugins: tuple[str, ...] = ()  # .py files to import first (your own credit variants)
+    rl_steps: int = 60  # RL steps per credit variant
+    prompts_per_step: int = 8  # prompts per RL step
+    group_size: int = 8  # responses per prompt (GRPO group)
+    lr: float = 3e-5  # RL learning rate
+    compute_dtype: str = "float32"  # the RL step's forward/backward; "bfloat16" keeps fp32 Adam
+    temperature: float = 1.0  # RL sampling (and the sampled evaluation)
+    eval_prompts: int = 1024  # held-out prompts for greedy and sampled accuracy
+    precision_responses: int = 256  # responses on which each credit's precision is measured
+    prompt_len: int | None = None  # prompt slots; None: the task's longest prompt
+    max_new_tokens: int | None = None  # response slots; None: the longest solver response + 4
+    progress: bool = True  # progress bars on stderr
+
+    def __post_init__(self):
+        _check_counts(self)
+        if self.task.answer_only:
+            raise ValueError("QuickstartConfig.task.answer_only is a control format; leave it")
+        for name in ("prompt_len", "max_new_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(
-                    f"QuickstartConfig.{field} must be >= 1, got {getattr(self, field)}"
+                    f"QuickstartConfig.{name} must be None or >= 1, got {getattr(self, name)}"
                 )
 
+    def lengths(self) -> tuple[int, int]:
+        """(prompt slots, response slots): the task's longest prompt and solver response + 4
+        (`branches.max_lengths`), unless given."""
+        prompt, response = max_lengths(self.task)
+        return self.prompt_len or prompt, self.max_new_tokens or response + 4
 
-def step_config(cfg: QuickstartConfig, credit_name: str) -> train.StepConfig:
+
+def _check_counts(cfg) -> None:
+    for field in ("rl_steps", "eval_prompts", "precision_responses"):
+        if getattr(cfg, field) < 1:
+            raise ValueError(
+                f"{type(cfg).__name__}.{field} must be >= 1, got {getattr(cfg, field)}"
+            )
+
+
+def make_task(task_cfg: BranchesConfig | ChainConfig, seed: int | None = None):
+    """The task a setting's config describes (with `seed` when given)."""
+    if seed is not None:
+        task_cfg = dataclasses.replace(task_cfg, seed=seed)
+    return BranchesTask(task_cfg) if isinstance(task_cfg, BranchesConfig) else ChainTask(task_cfg)
+
+
+def step_config(cfg: QuickstartConfig | ChainSetting, credit_name: str) -> train.StepConfig:
     return train.StepConfig(
         group_size=cfg.group_size,
         loss=rl.LossConfig(clip_high=0.28),
@@ -126,12 +197,13 @@ def step_config(cfg: QuickstartConfig, credit_name: str) -> train.StepConfig:
     )
 
 
-def loop_config(cfg: QuickstartConfig) -> loop.LoopConfig:
+def loop_config(cfg: QuickstartConfig | ChainSetting) -> loop.LoopConfig:
+    prompt_len, max_new_tokens = cfg.lengths()
     return loop.LoopConfig(
         steps=cfg.rl_steps,
         prompts_per_step=cfg.prompts_per_step,
-        prompt_len=cfg.prompt_len,
-        sampling=rollout.sampling_config(ChainTask(cfg.task), cfg.max_new_tokens, cfg.temperature),
+        prompt_len=prompt_len,
+        sampling=rollout.sampling_config(make_task(cfg.task), max_new_tokens, cfg.temperature),
         checkpoint_every=max(cfg.rl_steps // 2, 1),
         keep_checkpoints=1,
         seed=cfg.seed,
@@ -212,6 +284,49 @@ def median_step_seconds(history: dict[int, dict[str, float]], key: str = "time/s
     return float(np.median(times)) if times else float("nan")
 
 
+def credit_quality(
+    model,
+    task,
+    variants: list[str],
+    count: int,
+    prompt_len: int,
+    max_new_tokens: int,
+    rng,
+    fraction: float = 0.4,
+) -> dict[str, dict[str, float]]:
+    """How well each variant's gamma finds the task's ground-truth essential tokens, on `count`
+    sampled responses (temperature 1) to held-out prompts that have an answer span: precision at
+    `fraction` ("precision"), and where the task gives each token a role (`task.roles`) the
+    position-controlled same-role pairwise AUC over the response less its answer span ("auc",
+    "auc_first" and "auc_later": pairs whose essential token comes first / later; 0.5 = no
+    preference; `evaluation.pairwise_auc`)."""
+    sampled = rollout.sampling_config(task, max_new_tokens, 1.0)
+    got = evaluation.sample(model, task, EVAL_START, count, prompt_len, sampled, rng)
+    labels_BxT = evaluation.task_labels(task, got)
+    gammas = evaluation.credit_gammas(
+        model, got.batch, variants, credit.CreditConfig(), train.StepConfig().capture, rng
+    )
+    answer_BxT = np.asarray(got.batch.answer_mask_BxT)
+    response_BxT = np.asarray(got.batch.response_mask_BxT)
+    keep_B = answer_BxT.any(-1)
+    roles_BxT = evaluation.layout(got, task.roles, int, 0) if hasattr(task, "roles") else None
+    eligible_BxT = (response_BxT & ~answer_BxT)[keep_B]
+    out = {}
+    for name, gamma_BxT in gammas.items():
+        args = (gamma_BxT[keep_B], labels_BxT[keep_B])
+        out[name] = {
+            "precision": evaluation.precision(
+                *args, answer_BxT[keep_B], response_BxT[keep_B], fraction
+            )
+        }
+        if roles_BxT is not None:
+            auc = evaluation.pairwise_auc(*args, eligible_BxT, roles_BxT[keep_B])
+            out[name].update(
+                auc=auc["auc"], auc_first=auc["essential_first"], auc_later=auc["essential_later"]
+            )
+    return out
+
+
 def credit_precision(
     model,
     task,
@@ -222,26 +337,12 @@ def credit_precision(
     rng,
     fraction: float = 0.4,
 ) -> dict[str, float]:
-    """precision@fraction of each variant's gamma against the task's ground-truth labels, on
-    `count` sampled responses (temperature 1) to held-out prompts that have an answer span."""
-    sampled = rollout.sampling_config(task, max_new_tokens, 1.0)
-    got = evaluation.sample(model, task, EVAL_START, count, prompt_len, sampled, rng)
-    labels_BxT = evaluation.task_labels(task, got)
-    gammas = evaluation.credit_gammas(
-        model, got.batch, variants, credit.CreditConfig(), train.StepConfig().capture, rng
+    """precision@fraction of each variant's gamma against the task's ground-truth labels
+    (`credit_quality`'s "precision")."""
+    quality = credit_quality(
+        model, task, variants, count, prompt_len, max_new_tokens, rng, fraction
     )
-    answer_BxT = np.asarray(got.batch.answer_mask_BxT)
-    keep_B = answer_BxT.any(-1)
-    return {
-        name: evaluation.precision(
-            gamma_BxT[keep_B],
-            labels_BxT[keep_B],
-            answer_BxT[keep_B],
-            np.asarray(got.batch.response_mask_BxT)[keep_B],
-            fraction,
-        )
-        for name, gamma_BxT in gammas.items()
-    }
+    return {name: q["precision"] for name, q in quality.items()}
 
 
 def load_policy(checkpoint_dir: pathlib.Path, policy: PolicyConfig) -> Transformer:
@@ -252,17 +353,20 @@ def load_policy(checkpoint_dir: pathlib.Path, policy: PolicyConfig) -> Transform
     return model
 
 
-def run_config(run: pathlib.Path) -> QuickstartConfig:
-    """The settings a quickstart run was made with (its summary.json), not today's defaults."""
-    qs = QuickstartConfig()
+def run_config(run: pathlib.Path) -> QuickstartConfig | ChainSetting:
+    """The settings a quickstart run was made with (its summary.json), not today's defaults:
+    a `ChainSetting` for a run made before the quickstart moved to the branches task."""
     if not (run / "summary.json").exists():
         raise ValueError(f"{run} has no summary.json; run `python -m experiments.quickstart` first")
     saved = json.loads((run / "summary.json").read_text())["config"]
     task = {**saved["task"], "ops": tuple(saved["task"]["ops"])}
+    kind, task_kind = (
+        (QuickstartConfig, BranchesConfig) if "chains" in task else (ChainSetting, ChainConfig)
+    )
     return dataclasses.replace(
-        qs,
+        kind(),
         policy=PolicyConfig(**saved["policy"]),
-        task=dataclasses.replace(qs.task, **task),
+        task=task_kind(**task),
         prompt_len=saved["prompt_len"],
         max_new_tokens=saved["max_new_tokens"],
     )
@@ -271,11 +375,11 @@ def run_config(run: pathlib.Path) -> QuickstartConfig:
 def trained_samples(run: pathlib.Path, policy: str, responses: int, temperature: float, seed: int):
     """(settings, task, policy, sampled responses to held-out prompts) of a quickstart run."""
     qs = run_config(run)
-    task = ChainTask(qs.task)
+    task, (prompt_len, max_new_tokens) = make_task(qs.task), qs.lengths()
     model = load_policy(run / policy / "checkpoints", qs.policy)
-    sampled = rollout.sampling_config(task, qs.max_new_tokens, temperature)
+    sampled = rollout.sampling_config(task, max_new_tokens, temperature)
     got = evaluation.sample(
-        model, task, EVAL_START, responses, qs.prompt_len, sampled, jax.random.PRNGKey(seed)
+        model, task, EVAL_START, responses, prompt_len, sampled, jax.random.PRNGKey(seed)
     )
     return qs, task, model, got
 

@@ -64,7 +64,7 @@ class SuiteConfig:
     rl_steps: int = 40
     eval_prompts: int = 256
     precision_responses: int = 128
-    base: common.QuickstartConfig = common.QuickstartConfig(progress=False)
+    base: common.ChainSetting = common.ChainSetting(progress=False)
     countdown: CountdownConfig = CountdownConfig(num_numbers=3, max_number=9, max_target=30)
     countdown_warmup: sft.SFTConfig = sft.SFTConfig(
         steps=400, batch_size=32, lr=3e-3, warmup_steps=40

@@ -25,7 +25,7 @@ WHITE, ORANGE = np.array([255.0, 255.0, 255.0]), np.array([255.0, 140.0, 0.0])
 # HTML and PNG share one scale so a colour means the same tau / max tau in both.
 TAU_CMAP = LinearSegmentedColormap.from_list("tau", [WHITE / 255, ORANGE / 255])
 ESSENTIAL_BLUE, ANSWER_GREEN, SOURCE_GREEN, SINK_RED = "#0645ad", "#2a9d2a", "#1b9e77", "#d62728"
-EDGE_PURPLE = "#5a3d8a"
+EDGE_PURPLE, DEAD_END_RED = "#5a3d8a", "#b03a2e"
 ANSWER_BOX = dict(fill=False, ec=ANSWER_GREEN, lw=2, ls="--")
 
 
@@ -42,12 +42,16 @@ class TokenSample:
     essential: list[bool] | None = None  # ground-truth labels when the task has them
     reward: float | None = None
     gamma: list[float] | None = None  # the credit's weight per response token, shown on hover
+    # Tokens of work the answer does not depend on (a dead-end chain), when the task knows
+    dead_end: list[bool] | None = None
 
     def __post_init__(self):
         T = len(self.response_tokens)
         fields = {"throughput": self.throughput, "selected": self.selected, "answer": self.answer}
         if self.essential is not None:
             fields["essential"] = self.essential
+        if self.dead_end is not None:
+            fields["dead_end"] = self.dead_end
         if self.gamma is not None:
             fields["gamma"] = self.gamma
         for name, values in fields.items():
@@ -69,6 +73,10 @@ class TokenSample:
             list(self.essential) if self.essential is not None else [False] * len(self.throughput)
         )
 
+    @property
+    def dead_end_T(self) -> list[bool]:
+        return list(self.dead_end) if self.dead_end is not None else [False] * len(self.throughput)
+
     def intensity_T(self) -> np.ndarray:
         """tau / max tau of this sample, in [0, 1] (all zero when every tau is zero)."""
         tau_T = np.asarray(self.throughput, dtype=np.float64)
@@ -84,8 +92,11 @@ def _hex(intensity: float) -> str:
     return f"#{r:02x}{g:02x}{b:02x}"
 
 
-def _flags(sel: bool, ess: bool, ans: bool, names=("selected", "essential", "answer")) -> list:
-    return [name for name, on in zip(names, (sel, ess, ans), strict=True) if on]
+FLAG_NAMES = ("selected", "essential", "answer", "dead-end")
+
+
+def _flags(sel: bool, ess: bool, ans: bool, dead: bool = False, names=FLAG_NAMES) -> list:
+    return [name for name, on in zip(names, (sel, ess, ans, dead), strict=True) if on]
 
 
 _CSS = """
@@ -97,6 +108,7 @@ body{font-family:sans-serif;margin:1.5em;max-width:70em}
 .tok,.key{white-space:pre;padding:1px 2px;margin:0 1px;border-bottom:3px solid transparent}
 .sel{border-bottom:3px solid #000}
 .ess{color:#0645ad;font-weight:bold}
+.dead{color:#b03a2e;font-style:italic}
 .answer{border:2px solid #2a9d2a;border-radius:3px;padding:3px 1px}
 .legend{font-size:.9em;line-height:2.2em}
 """
@@ -113,23 +125,31 @@ def credit_html(samples: list[TokenSample], title: str, shade: str = "tau") -> s
         f'<span class="key" style="background:{_hex(1.0)}">1</span>; '
         '<span class="key sel">underlined</span>: selected (gamma &gt; 1); '
         '<span class="key ess">bold blue</span>: ground-truth essential; '
-        '<span class="answer"><span class="key">boxed</span></span>: answer span (flow sink); '
+        + (
+            '<span class="key dead">red italic</span>: a dead-end chain (the answer does not '
+            "depend on it); "
+            if any(s.dead_end is not None for s in samples)
+            else ""
+        )
+        + '<span class="answer"><span class="key">boxed</span></span>: answer span (flow sink); '
         '<span class="prompt">grey</span>: prompt. Hover a token for its values.</div>'
     )
     blocks = []
     for sample in samples:
         parts, in_answer = [], False
-        level_T, ess_T = sample.intensity_T(), sample.essential_T
+        level_T, ess_T, dead_T = sample.intensity_T(), sample.essential_T, sample.dead_end_T
         for t, token in enumerate(sample.response_tokens):
             sel, ess, ans = bool(sample.selected[t]), bool(ess_T[t]), bool(sample.answer[t])
+            dead = bool(dead_T[t])
             if ans != in_answer:
                 parts.append('<span class="answer">' if ans else "</span>")
                 in_answer = ans
-            classes = " ".join(["tok", *_flags(sel, ess, ans, names=("sel", "ess", "ans"))])
+            short = ("sel", "ess", "ans", "dead")
+            classes = " ".join(["tok", *_flags(sel, ess, ans, dead, names=short)])
             values = [f"{shade}={float(sample.throughput[t]):.3f}"]
             if sample.gamma is not None and shade != "gamma":
                 values.append(f"gamma={float(sample.gamma[t]):.3f}")
-            tip = " ".join([*values, *_flags(sel, ess, ans)])
+            tip = " ".join([*values, *_flags(sel, ess, ans, dead)])
             parts.append(
                 f'<span class="{classes}" style="background:{_hex(level_T[t])}" '
                 f'title="{esc(tip)}">{esc(token)}</span>'
@@ -208,12 +228,14 @@ def credit_figure(samples: list[TokenSample], title: str, per_row: int = 40) -> 
         Line2D([], [], marker="v", ls="", color=ESSENTIAL_BLUE, label="essential"),
         Rectangle((0, 0), 1, 1, label="answer span", **ANSWER_BOX),
     ]
-    fig.legend(handles=handles, loc="upper right", fontsize=8, ncols=3, frameon=False)
+    if any(s.dead_end is not None for s in samples):
+        handles.append(Line2D([], [], marker="^", ls="", color=DEAD_END_RED, label="dead end"))
+    fig.legend(handles=handles, loc="upper right", fontsize=8, ncols=4, frameon=False)
     return fig
 
 
 def _token_row(ax, sample: TokenSample, start: int, stop: int, y: float, mapper) -> None:
-    level_T, ess_T = sample.intensity_T(), sample.essential_T
+    level_T, ess_T, dead_T = sample.intensity_T(), sample.essential_T, sample.dead_end_T
     for x, t in enumerate(range(start, stop)):
         sel, token = bool(sample.selected[t]), sample.response_tokens[t]
         edge = dict(ec="black", lw=2.5) if sel else dict(ec="#bbbbbb", lw=0.5)
@@ -224,6 +246,8 @@ def _token_row(ax, sample: TokenSample, start: int, stop: int, y: float, mapper)
         ax.text(x, y, _label(token), ha="center", va="center", fontsize=size, family="monospace")
         if ess_T[t]:
             ax.plot([x], [y + 0.52], marker="v", ms=4, color=ESSENTIAL_BLUE)
+        if dead_T[t]:
+            ax.plot([x], [y + 0.52], marker="^", ms=4, color=DEAD_END_RED)
     # One dashed box per run of answer tokens on this row.
     for is_answer, run in itertools.groupby(
         range(stop - start), lambda x: sample.answer[start + x]

@@ -95,7 +95,9 @@ def test_substituting_links_write_the_parent_value_and_label_it():
     assert SUBSTITUTING.labels(prompt(), response) == [c == 0 for c in chains]
     # b's value (10), then e's substituted parent value 7 (36) and its own value 8 (40).
     assert [i for i, v in enumerate(SUBSTITUTING.value_labels(prompt(), response)) if v] == [
-        10, 36, 40
+        10,
+        36,
+        40,
     ]
     assert SUBSTITUTING.score(prompt(), response)[0] == 1.0
     # Both grammars are read either way; a half-substituted link is garbled.
@@ -325,7 +327,8 @@ def test_slip_rate_and_what_it_leaves_alone(chain_length):
     assert flawed.demonstrations(0, n, flawed=False) == truth
     assert flawed.prompts(0, n) == right.prompts(0, n)  # prompts and problems unchanged
     minus = slipped = 0
-    for i, ((prompt, response), (prompt_r, response_r)) in enumerate(zip(demos, truth)):
+    pairs = enumerate(zip(demos, truth, strict=True))
+    for i, ((prompt, response), (prompt_r, response_r)) in pairs:
         assert prompt == prompt_r
         problem = flawed.problem(i)
         links = flawed.slipped_links(problem, i)
@@ -334,9 +337,9 @@ def test_slip_rate_and_what_it_leaves_alone(chain_length):
         assert all(problem.definitions[ord(x) - ord("a")].op == "-" for x in links)
         assert response[:-1] == VOCAB.encode(right.response_text(problem, links))
         # the verifier judges the true value: a slip that changes the answer scores 0
-        answer_changed = VOCAB.decode(response).split(">")[1] != VOCAB.decode(
-            response_r
-        ).split(">")[1]
+        answer_changed = (
+            VOCAB.decode(response).split(">")[1] != VOCAB.decode(response_r).split(">")[1]
+        )
         assert flawed.score(prompt, response)[0] == (0.0 if answer_changed else 1.0)
     # 0.6 of the `-` links slip, within 4 binomial standard errors
     assert abs(slipped / minus - 0.6) < 4 * np.sqrt(0.24 / minus)

@@ -1,15 +1,18 @@
 """The quickstart end to end at toy size: it must run, write every output it promises, and print
 exactly the numbers it wrote to its logs."""
 
+import dataclasses
 import json
 import pathlib
 import re
 import shutil
 from html.parser import HTMLParser
 
+import jax
 import matplotlib.image
 import numpy as np
 import pytest
+from flax import nnx
 
 from experiments import (
     branches_analysis,
@@ -21,7 +24,7 @@ from experiments import (
     precision_by_layer,
     quickstart,
 )
-from ftjax import credit
+from ftjax import credit, params_file
 from ftjax.logging import read_jsonl
 
 TOY = [
@@ -61,8 +64,15 @@ def test_quickstart_writes_what_it_prints(tmp_path, capsys):
         history = read_jsonl(out / f"rl_{name}" / "metrics.jsonl")
         assert sorted(history) == [0, 1]
         assert run["step_seconds"] == np.median([history[1]["time/step_s"]])
-        assert f"| {name} | {saved['before']['accuracy_greedy']:.3f} | " in table
-        assert f"{run['accuracy_greedy']:.3f}" in table
+        before = saved["before"]
+        assert (
+            f"| {name} | {before['accuracy_greedy']:.3f} -> {run['accuracy_greedy']:.3f} | "
+            in table
+        )
+        assert f"| {before['accuracy_sampled']:.3f} -> {run['accuracy_sampled']:.3f} | " in table
+        assert f"| {run[f'precision/{name}']:.3f} ({run['precision/uniform']:.3f}) | " in table
+        assert run["auc/uniform"] == 0.5  # a constant gamma prefers nothing
+        assert 0.0 <= run[f"auc/{name}"] <= 1.0
         assert (out / f"rl_{name}" / "checkpoints").is_dir()
         assert list((out / f"rl_{name}" / "tensorboard").iterdir())
     assert summary["runs"]["uniform"]["credit_overhead"] == 0.0
@@ -79,6 +89,8 @@ def test_quickstart_writes_what_it_prints(tmp_path, capsys):
 
     Spans().feed((out / "credit.html").read_text())
     assert spans and all("tau=" in s.get("title", "") for s in spans)
+    # chain membership is marked: the queried chain essential, the other a dead end
+    assert any("dead" in s["class"].split() for s in spans)
 
     # The causal check runs on the trained policy and writes what it prints.
     result = causal_masking.main(["--run", str(out), "--responses", "16"])
@@ -107,6 +119,56 @@ def test_quickstart_writes_what_it_prints(tmp_path, capsys):
         again["runs"]["flowtracer"]["accuracy_greedy"]
         == summary["runs"]["flowtracer"]["accuracy_greedy"]
     )
+
+
+def test_shipped_warmup_is_the_default_settings_one():
+    """The README's first command restores the shipped warm-up: its record must hold exactly the
+    default settings, and its tensors must fit the default policy."""
+    cfg = common.QuickstartConfig()
+    record = params_file.record(quickstart.SHIPPED_WARMUP)
+    assert record["settings"] == quickstart.warmup_settings(cfg)
+    assert "--fresh_warmup true" in record["command"] and "--save_warmup" in record["command"]
+    model, seconds, source = quickstart.warm_policy(cfg, None, pathlib.Path("/nonexistent"))
+    assert seconds == 0.0 and source.startswith("restored from")
+    assert source.endswith("quickstart_warmup.safetensors")
+
+
+def test_saved_warmup_is_restored_and_other_settings_are_refused(tmp_path, monkeypatch, capsys):
+    tiny = ["--warmup.steps", "3", "--warmup.warmup_steps", "1", "--warmup.batch_size", "4",
+            "--policy.layers", "1", "--policy.hidden", "16", "--progress", "false"]  # fmt: skip
+    path = tmp_path / "w.safetensors"
+    saved = quickstart.main(
+        [*tiny, "--fresh_warmup", "true", "--save_warmup", str(path), "--out", str(tmp_path / "w")]
+    )
+    assert saved["warmup_seconds"] > 0 and path.is_file()
+    assert not (tmp_path / "runs").exists()
+    monkeypatch.setattr(quickstart, "SHIPPED_WARMUP", path)
+    cfg = common.parse(common.QuickstartConfig(), tiny)
+    model, seconds, source = quickstart.warm_policy(cfg, None, tmp_path / "unused")
+    assert seconds == 0.0 and str(path) in source
+    trained, _, _ = quickstart.warm_policy(
+        dataclasses.replace(cfg, fresh_warmup=True),
+        common.make_task(cfg.task, cfg.seed),
+        tmp_path / "again",
+    )
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(model, nnx.Param)),
+        jax.tree.leaves(nnx.state(trained, nnx.Param)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the same warm-up
+    other = dataclasses.replace(cfg, seed=1)  # another seed: another warm-up, trained
+    assert quickstart.warm_policy(other, common.make_task(other.task, 1), tmp_path / "s1")[1] > 0
+
+    out = tmp_path / "qs"
+    quickstart.claim_out(out, cfg)
+    quickstart.claim_out(out, dataclasses.replace(cfg, eval_prompts=7, credits=("uniform",)))
+    with pytest.raises(ValueError, match="differing: lr"):
+        quickstart.claim_out(out, dataclasses.replace(cfg, lr=1.0))
+    old = tmp_path / "old"
+    (old / "rl_uniform").mkdir(parents=True)
+    with pytest.raises(ValueError, match="an earlier quickstart"):
+        quickstart.claim_out(old, cfg)
 
 
 def test_unknown_credit_or_plugin_fails_before_any_work(tmp_path):

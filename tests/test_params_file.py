@@ -20,7 +20,7 @@ def test_round_trip_restores_every_parameter_and_the_record(tmp_path):
     saved = common.build_policy(SMALL, seed=0)
     params_file.save(path, nnx.state(saved, nnx.Param), {"steps": 3, "task": {"chains": 2}})
     other = common.build_policy(SMALL, seed=1)
-    assert not all(np.array_equal(a, b) for a, b in zip(leaves(saved), leaves(other)))
+    assert not all(np.array_equal(a, b) for a, b in zip(leaves(saved), leaves(other), strict=True))
     assert params_file.load(path, other) == {"steps": 3, "task": {"chains": 2}}
     assert all(np.array_equal(a, b) for a, b in zip(leaves(saved), leaves(other), strict=True))
     assert params_file.record(path) == {"steps": 3, "task": {"chains": 2}}

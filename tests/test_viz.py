@@ -105,7 +105,17 @@ def test_html_writer_and_all_zero_throughput(tmp_path):
     assert not any("ess" in classes for classes, *_ in spans[:6])
 
 
-@pytest.mark.parametrize("field", ["throughput", "selected", "answer", "essential"])
+def test_dead_end_tokens_are_marked_in_html_and_only_then_in_the_legend():
+    dead = [False, False, False, True, True, False]
+    spans = parse(viz.credit_html([sample(dead_end=dead)], "t"))
+    for (classes, _, title, _), d in zip(spans, dead, strict=True):
+        assert ("dead" in classes) == d and ("dead-end" in title.split()) == d
+    assert "a dead-end chain" in viz.credit_html([sample(dead_end=dead)], "t")
+    assert "a dead-end chain" not in viz.credit_html([sample()], "t")
+    assert not any("dead" in classes for classes, *_ in parse(viz.credit_html([sample()], "t")))
+
+
+@pytest.mark.parametrize("field", ["throughput", "selected", "answer", "essential", "dead_end"])
 def test_length_mismatch_names_the_field(field):
     with pytest.raises(ValueError, match=field):
         sample(**{field: [0.1] * 5 if field == "throughput" else [False] * 5})
@@ -132,6 +142,7 @@ def test_credit_png_wraps_long_responses(tmp_path):
         selected=list(rng.random(T) > 0.7),
         answer=[False] * (T - 3) + [True] * 3,
         essential=list(rng.random(T) > 0.8),
+        dead_end=list(rng.random(T) > 0.8),
     )
     path = viz.plot_credit_png(tmp_path / "a" / "credit.png", [sample(), long], "credit")
     assert path.exists()
