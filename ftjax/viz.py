@@ -22,7 +22,8 @@ from matplotlib.patches import Arc, Rectangle
 
 DPI = 110
 WHITE, ORANGE = np.array([255.0, 255.0, 255.0]), np.array([255.0, 140.0, 0.0])
-# HTML and PNG share one scale so a colour means the same tau / max tau in both.
+# HTML and PNG share one scale so a colour means the same tau / max tau (outside the answer) in
+# both.
 TAU_CMAP = LinearSegmentedColormap.from_list("tau", [WHITE / 255, ORANGE / 255])
 ESSENTIAL_BLUE, ANSWER_GREEN, SOURCE_GREEN, SINK_RED = "#0645ad", "#2a9d2a", "#1b9e77", "#d62728"
 EDGE_PURPLE, DEAD_END_RED = "#5a3d8a", "#b03a2e"
@@ -78,10 +79,13 @@ class TokenSample:
         return list(self.dead_end) if self.dead_end is not None else [False] * len(self.throughput)
 
     def intensity_T(self) -> np.ndarray:
-        """tau / max tau of this sample, in [0, 1] (all zero when every tau is zero)."""
+        """tau / the largest tau outside the answer span, clipped to [0, 1] (the answer, the
+        flow's sink, carries the whole unit and would wash every other token out); the largest
+        tau overall when nothing outside the answer has any; all zero when every tau is zero."""
         tau_T = np.asarray(self.throughput, dtype=np.float64)
-        peak = tau_T.max() if tau_T.size else 0.0
-        return tau_T / peak if peak > 0 else np.zeros_like(tau_T)
+        outside_T = tau_T[~np.asarray(self.answer, bool)] if tau_T.size else tau_T
+        peak = outside_T.max() if outside_T.size and outside_T.max() > 0 else tau_T.max(initial=0)
+        return np.clip(tau_T / peak, 0.0, 1.0) if peak > 0 else np.zeros_like(tau_T)
 
     def heading(self) -> str:
         return self.title if self.reward is None else f"{self.title}  (reward {self.reward:g})"
@@ -120,7 +124,8 @@ def credit_html(samples: list[TokenSample], title: str, shade: str = "tau") -> s
     tau)."""
     esc = html.escape
     legend = (
-        f'<div class="legend">Background: {esc(shade)} / max {esc(shade)} of the sample, '
+        f'<div class="legend">Background: {esc(shade)} / the largest {esc(shade)} outside the '
+        "answer span (which carries all the flow), "
         f'<span class="key" style="background:{_hex(0.0)};border:1px solid #ccc">0</span> to '
         f'<span class="key" style="background:{_hex(1.0)}">1</span>; '
         '<span class="key sel">underlined</span>: selected (gamma &gt; 1); '
@@ -193,7 +198,8 @@ def _save(fig: Figure, path) -> pathlib.Path:
 
 
 def credit_figure(samples: list[TokenSample], title: str, per_row: int = 40) -> Figure:
-    """Rows of token boxes coloured by tau / max tau per sample, wrapping every `per_row` tokens."""
+    """Rows of token boxes coloured by `TokenSample.intensity_T` (tau / the largest tau outside the
+    answer span), wrapping every `per_row` tokens."""
     if not samples:
         raise ValueError("credit_figure needs at least one sample")
     width = max(1, min(per_row, max(len(s.response_tokens) for s in samples)))
@@ -222,7 +228,7 @@ def credit_figure(samples: list[TokenSample], title: str, per_row: int = 40) -> 
     ax.axis("off")
     ax.set_title(title, fontsize=12)
     cax = fig.add_axes((0.89, 0.1, 0.02, 0.8))
-    fig.colorbar(mapper, cax=cax).set_label("tau / max tau of the sample")
+    fig.colorbar(mapper, cax=cax).set_label("tau / largest tau outside the answer")
     handles = [
         Rectangle((0, 0), 1, 1, fc="white", ec="black", lw=2.5, label="selected"),
         Line2D([], [], marker="v", ls="", color=ESSENTIAL_BLUE, label="essential"),

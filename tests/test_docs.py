@@ -46,10 +46,11 @@ NOT_IN_REPO = [
     # `--plugins a.py,b.py` of experiments/common.py.
     re.compile(r"(^|/)(test_)?my_\w*\.py$"),
     re.compile(r"^[ab]\.py$"),
-    # Files an experiment writes into its --out or --run_dir (summary.md, table.md,
+    # Files an experiment writes into its --out or --run_dir (summary.md, table.md, the
+    # quickstart's settings.json,
     # out_dir/stem.json in experiments/common.py, run_dir/config.json).
     re.compile(r"^(run_dir|out_dir)/"),
-    re.compile(r"(^|/)(summary|table|stem)\.(md|json)$"),
+    re.compile(r"(^|/)(summary|table|stem|settings)\.(md|json)$"),
     # Files inside a Hugging Face checkpoint directory (config.json is also math_rl's output;
     # ftjax/models/hf.py calls model.safetensors.index.json "index.json" for short).
     re.compile(

@@ -96,6 +96,15 @@ def test_html_has_one_escaped_span_per_response_token_with_faithful_markers():
     assert "<script" not in page and "http" not in page and "selected (gamma" in page
 
 
+def test_shade_is_relative_to_the_largest_tau_outside_the_answer():
+    # the answer carries the whole unit; the other tokens are shaded against the largest of them
+    s = sample(throughput=[0.2, 0.0, 0.1, 0.05, 1.0, 1.0])
+    np.testing.assert_allclose(s.intensity_T(), [1.0, 0.0, 0.5, 0.25, 1.0, 1.0])
+    only_answer = sample(throughput=[0.0, 0.0, 0.0, 0.0, 1.0, 0.5])
+    np.testing.assert_allclose(only_answer.intensity_T(), [0, 0, 0, 0, 1.0, 0.5])
+    np.testing.assert_array_equal(sample(throughput=[0.0] * 6).intensity_T(), np.zeros(6))
+
+
 def test_html_writer_and_all_zero_throughput(tmp_path):
     flat = sample(throughput=[0.0] * 6, essential=None, reward=None)
     path = viz.write_credit_html(tmp_path / "sub" / "credit.html", [flat, sample()], "two")

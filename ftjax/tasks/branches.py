@@ -89,7 +89,7 @@ class BranchesConfig:
     answer_only: bool = False  # control: demonstrations are `>value<eos>` with no statements
     substitute: bool = False  # links write the parent's value first: `c=a+3=4+3=7;`
     slip: float = 0.0  # demonstrations only: share of `-` links the teacher works out as `+`
-    seed: int = 0
+    seed: int = 0  # problem i depends on (seed, i) alone (experiments set it to their seed)
 
     def __post_init__(self):
         if self.chains < 2:
