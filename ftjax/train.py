@@ -12,6 +12,7 @@ pre-update policy) and pass its gamma in the batch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -24,6 +25,7 @@ from flax import nnx
 from ftjax import credit as credit_lib
 from ftjax import masked, microbatch, rl
 from ftjax.capture import NONE, CaptureSpec
+from ftjax.models.attention import SPLASH
 from ftjax.models.transformer import check_attention_implementation, check_remat
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -77,8 +79,9 @@ class StepConfig:
     compute_dtype: str = "float32"  # forward/backward dtype; master params, Adam stay float32
     credit_pass: str = "fused"  # credit from the training forward, or a "separate" no-grad one
     scan_layers: bool = False  # alike layers as one lax.scan: compile time flat in depth
-    # jax.nn.dot_product_attention's implementation for the layers that do not capture: "xla"
-    # (every backend) or "cudnn" (cuDNN flash attention: NVIDIA GPUs, compute_dtype bfloat16)
+    # attention of the layers that do not capture: jax.nn.dot_product_attention's "xla" (every
+    # backend) or "cudnn" (cuDNN flash attention: NVIDIA GPUs, compute_dtype bfloat16), or
+    # "splash" (JAX's Pallas splash kernel: TPU; "splash_interpret" runs it anywhere, slowly)
     attention: str = "xla"
 
     def __post_init__(self):
@@ -250,6 +253,14 @@ def batch_shards(mesh: jax.sharding.Mesh | None) -> int:
     return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def kernel_mesh(cfg: StepConfig, mesh: jax.sharding.Mesh | None):
+    """The mesh as tracing context for a kernel that must see its own rows only (splash attention
+    runs under `jax.shard_map` on it); no context otherwise."""
+    if mesh is None or cfg.attention not in SPLASH:
+        return contextlib.nullcontext()
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
 def _check_labels(cfg: StepConfig, batch: Batch) -> None:
     """A credit variant that reads labels needs them in the batch (unless gamma is given)."""
     if needs_labels(cfg) and batch.labels_BxT is None and batch.gamma_BxT is None:
@@ -326,9 +337,10 @@ def batch_grads(
     def loss_fn(params, part):
         (part_batch, adv_B, weights), k = part
         model = policy_model(graphdef, params, cfg)
-        logp, entropy, attn = sequence_log_probs(
-            model, part_batch, spec, cfg.remat, cfg.logit_chunk, cfg.scan_layers, cfg.attention
-        )
+        with kernel_mesh(cfg, mesh):
+            logp, entropy, attn = sequence_log_probs(
+                model, part_batch, spec, cfg.remat, cfg.logit_chunk, cfg.scan_layers, cfg.attention
+            )
         gamma = part_batch.gamma_BxT
         if gamma is None:
             key = credit_rng if n == 1 else jax.random.fold_in(credit_rng, k)
@@ -438,9 +450,10 @@ def forward_credit(
 
     def one_pass(part):
         part_batch, k = part
-        logp, entropy, attn = sequence_log_probs(
-            model, part_batch, spec, "none", cfg.logit_chunk, cfg.scan_layers, cfg.attention
-        )
+        with kernel_mesh(cfg, mesh):
+            logp, entropy, attn = sequence_log_probs(
+                model, part_batch, spec, "none", cfg.logit_chunk, cfg.scan_layers, cfg.attention
+            )
         key = credit_rng if n == 1 else jax.random.fold_in(credit_rng, k)
         gamma = credit_weights(part_batch, cfg, logp, entropy, attn, key) if per_pass else logp
         return logp, entropy, gamma

@@ -6,7 +6,8 @@ length with one), E hidden, H query heads, K key/value heads, G = H / K, D head 
 Captured layers compute explicit softmax probabilities one query chunk at a time and add each
 chunk's head mean, under stop_gradient, to the one B x T x S map carried across the layers (the
 running layer mean); the other layers use `jax.nn.dot_product_attention`, which may dispatch to a
-fused kernel (layers with soft-capped logits take the chunked path too, since it cannot cap).
+fused kernel, or on TPU the Pallas splash kernel (`splash.py`); layers with soft-capped logits take
+the chunked path too, since neither caps.
 Queries and keys are rotated by RoPE (Hugging Face's half-split layout, Llama-3 scaling).
 """
 
@@ -20,6 +21,7 @@ from flax import nnx
 
 from ftjax.models.config import SLIDING, ModelConfig, RopeScaling
 from ftjax.models.layers import RMSNorm, linear
+from ftjax.models.splash import splash_attention
 
 _MASKED = -1e30  # finite, so fully masked (padding) query rows give no NaN
 _QUERY_CHUNK = 128  # captured layers materialise B x H x 128 x S probabilities at a time
@@ -54,15 +56,23 @@ def apply_rope(x_BxTxNxD, positions_BxT, inv_freq):
     return x_BxTxNxD * cos.astype(x_BxTxNxD.dtype) + rotated * sin.astype(x_BxTxNxD.dtype)
 
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+# "splash": JAX's Pallas splash-attention kernel (TPU); "splash_interpret": the same kernel run
+# by Pallas's interpreter on any backend, slowly (how the tests check it on CPU). `splash.py`.
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash", "splash_interpret")
+SPLASH = ("splash", "splash_interpret")
 
 
 def check_attention_implementation(name: str, dtype=None) -> str:
-    """`name` if it is a known implementation (and, given a dtype, one cuDNN accepts), else a
-    ValueError naming the problem."""
+    """`name` if it is a known implementation (and, given a dtype, one cuDNN accepts and one
+    this backend runs), else a ValueError naming the problem."""
     if name not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
             f"unknown attention implementation {name!r}; known: {ATTENTION_IMPLEMENTATIONS}"
+        )
+    if name == "splash" and dtype is not None and jax.default_backend() != "tpu":
+        raise ValueError(
+            f"attention implementation 'splash' is a TPU kernel; JAX's backend here is "
+            f"{jax.default_backend()!r} (use 'xla', or 'splash_interpret' to check it slowly)"
         )
     if (
         name == "cudnn"
@@ -126,9 +136,10 @@ class Attention(nnx.Module):
         `jax.nn.dot_product_attention` unless logits are soft-capped, which it cannot do.
         remat_chunks: the explicit path recomputes each query chunk's probabilities in the
         backward pass instead of keeping B x H x T x S of them (set under layer remat).
-        implementation: `jax.nn.dot_product_attention`'s for the layers that do not capture:
+        implementation: that of the layers that do not capture: `jax.nn.dot_product_attention`'s
         "xla" (every backend) or "cudnn" (cuDNN flash attention; NVIDIA GPUs, bfloat16 or
-        float16 only, checked here with an error naming the dtype)."""
+        float16 only, checked here with an error naming the dtype), or "splash" (TPU) /
+        "splash_interpret" (`splash.splash_attention`; without a cache only)."""
         B, T, _ = x_BxTxE.shape
         H, K, D = self.heads, self.kv_heads, self.head_dim
         q_BxTxHxD, k_BxTxKxD, v_BxTxKxD = self._project(x_BxTxE, positions_BxT)
@@ -143,7 +154,24 @@ class Attention(nnx.Module):
             v_BxSxKxD = jax.lax.dynamic_update_slice_in_dim(
                 past_v_BxSxKxD, v_BxTxKxD.astype(past_v_BxSxKxD.dtype), index, 1
             ).astype(v_BxTxKxD.dtype)
-        if capture_into is None and not self.softcap:
+        if capture_into is None and not self.softcap and implementation in SPLASH:
+            check_attention_implementation(implementation, q_BxTxHxD.dtype)
+            if past_kv is not None:
+                raise ValueError(
+                    f"attention implementation {implementation!r} is for a forward pass without "
+                    "a cache (training); generate with 'xla'"
+                )
+            out = splash_attention(
+                q_BxTxHxD,
+                k_BxSxKxD,
+                v_BxSxKxD,
+                slots[1],
+                self.scale,
+                self.window,
+                interpret=implementation == "splash_interpret",
+            )
+            map_BxTxS = None
+        elif capture_into is None and not self.softcap:
             mask_Bx1xTxS = self._mask(*slots)[:, None]
             check_attention_implementation(implementation, q_BxTxHxD.dtype)
             out = jax.nn.dot_product_attention(
