@@ -110,9 +110,10 @@ def response_log_probs(
     n = microbatch.passes(batch.tokens_BxT.shape[0], cfg.micro_batch, shards)
 
     def one_pass(part):
-        return train.sequence_log_probs(
-            model, part, NONE, "none", cfg.logit_chunk, cfg.scan_layers, cfg.attention
-        )[0]
+        with train.kernel_mesh(cfg, mesh):
+            return train.sequence_log_probs(
+                model, part, NONE, "none", cfg.logit_chunk, cfg.scan_layers, cfg.attention
+            )[0]
 
     parts = microbatch.split(batch, n, shards, mesh)
     logp_BxT = microbatch.merge(microbatch.forward(one_pass, parts, n), shards, mesh)

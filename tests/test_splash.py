@@ -18,7 +18,7 @@ from flax import nnx
 from test_chunked_logprobs import model_parts, random_tokens
 from test_microbatch import MODEL, cfg_for, grads_on_mesh, make_batch
 
-from ftjax import rl, sharding, state_init, train
+from ftjax import mesh_step, rl, sharding, state_init, train
 from ftjax.models import transformer
 from ftjax.models.attention import attention_mask, check_attention_implementation
 from ftjax.models.splash import padded_length, splash_attention
@@ -150,21 +150,18 @@ def test_on_a_mesh_the_kernel_runs_under_shard_map_on_its_own_rows():
     graphdef, state = state_init.init_state(model, cfg, jax.random.PRNGKey(0))
     adv = rl.group_advantages(batch.rewards_B, cfg.group_size)
 
-    def program(shape):
-        mesh = None if shape is None else sharding.make_mesh(sharding.MeshConfig(*shape))
-
-        def grads(params):
-            key = jax.random.PRNGKey(1)
-            return train.batch_grads(graphdef, params, batch, adv, cfg, key, mesh)
-
-        return str(jax.make_jaxpr(grads)(state.params))
-
-    sharded, single = program((2, 4)), program(None)
-    # one shard_map per layer that does not capture, forward (the backward is its transpose)
-    assert sharded.count("shard_map") >= 1 and "shard_map" not in single
-    # the queries, keys, values and segment ids split over every mesh axis (before them, the
-    # kernel's mask tables, replicated)
-    assert (
-        "P(('data', 'fsdp'),), P(('data', 'fsdp'),), P(('data', 'fsdp'),), P(('data', 'fsdp'),))"
-        in sharded
-    )
+    key = jax.random.PRNGKey(1)
+    passes = {  # every forward the loop runs with the step's attention
+        "grads": lambda p, mesh: train.batch_grads(graphdef, p, batch, adv, cfg, key, mesh),
+        "prepare": lambda p, mesh: train.forward_credit(graphdef, p, batch, cfg, key, mesh),
+        "reference": lambda p, mesh: mesh_step.response_log_probs(graphdef, p, batch, cfg, mesh),
+    }
+    mesh = sharding.make_mesh(sharding.MeshConfig(2, 4))
+    rows = "P(('data', 'fsdp'),)"
+    for name, fn in passes.items():
+        sharded = str(jax.make_jaxpr(lambda p, fn=fn: fn(p, mesh))(state.params))
+        single = str(jax.make_jaxpr(lambda p, fn=fn: fn(p, None))(state.params))
+        assert "shard_map" in sharded and "shard_map" not in single, name
+        # the queries, keys, values and segment ids split over every mesh axis (before them,
+        # the kernel's mask tables, replicated)
+        assert f"{rows}, {rows}, {rows}, {rows})" in sharded, name
