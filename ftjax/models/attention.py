@@ -161,14 +161,9 @@ class Attention(nnx.Module):
                     f"attention implementation {implementation!r} is for a forward pass without "
                     "a cache (training); generate with 'xla'"
                 )
+            interpret = implementation == "splash_interpret"
             out = splash_attention(
-                q_BxTxHxD,
-                k_BxSxKxD,
-                v_BxSxKxD,
-                slots[1],
-                self.scale,
-                self.window,
-                interpret=implementation == "splash_interpret",
+                q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, slots[1], self.scale, self.window, interpret
             )
             map_BxTxS = None
         elif capture_into is None and not self.softcap:

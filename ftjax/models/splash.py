@@ -47,16 +47,9 @@ def _kernel(T: int, heads: int, window: int | None, interpret: bool):
     else:  # keys s with t - window < s <= t
         one = splash.LocalMask((T, T), window_size=(window - 1, 0), offset=0)
     block = next(b for b in _BLOCKS if T % b == 0)
-    sizes = splash.BlockSizes(
-        block_q=block,
-        block_kv=block,
-        block_kv_compute=block,
-        block_q_dkv=block,
-        block_kv_dkv=block,
-        block_kv_dkv_compute=block,
-        block_q_dq=block,
-        block_kv_dq=block,
-    )
+    # one block size for every tile of the forward and both backward kernels
+    tiles = ("q", "kv", "kv_compute", "q_dkv", "kv_dkv", "kv_dkv_compute", "q_dq", "kv_dq")
+    sizes = splash.BlockSizes(**{f"block_{tile}": block for tile in tiles})
     mask = splash.MultiHeadMask([one] * heads)
     # Its mask information becomes device arrays: concrete ones, even when first asked for inside
     # a trace, so that the cached kernel is no tracer of the trace that made it.
